@@ -1,0 +1,245 @@
+"""Jobs for the executor tests (the shapes dagster-celery's suite uses, written anew).
+
+Workers rebuild these jobs from their code pointer (``ReconstructableJob.for_file``), so this
+file must import without side effects.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from dagster import (
+    Field,
+    Int,
+    Out,
+    Output,
+    RetryRequested,
+    graph,
+    job,
+    op,
+)
+
+from dagster_taskiq import taskiq_executor
+from dagster_taskiq.tags import TASKIQ_PRIORITY_TAG, TASKIQ_QUEUE_TAG
+
+
+@op
+def simple() -> int:
+    return 1
+
+
+@op
+def add_one(num: int) -> int:
+    return num + 1
+
+
+@op(out={"value_one": Out(int), "value_two": Out(int)})
+def emit_values():
+    yield Output(1, "value_one")
+    yield Output(2, "value_two")
+
+
+@op
+def subtract(num_one: int, num_two: int) -> int:
+    return num_one - num_two
+
+
+@op(out={f"out_{i}": Out(Int, is_required=False) for i in (1, 2, 3)})
+def maybe_outputs():
+    yield Output(1, "out_1")
+
+
+@op
+def passthrough(value: int) -> int:
+    return value
+
+
+@op
+def fails():
+    raise Exception("argjhgjh")
+
+
+@op
+def should_never_execute(_value):
+    raise AssertionError("this op runs only after a failed one")
+
+
+@op
+def retry_request():
+    raise RetryRequested()
+
+
+@op(config_schema=str)
+def destroy(context, num: int) -> int:
+    raise ValueError(f"destroyed {num} at {context.op_config}")
+
+
+@op(tags={"dagster-k8s/resource_requirements": {"requests": {"cpu": "250m"}}})
+def resource_req_op(context):
+    context.log.info("running")
+
+
+@op(config_schema={"seconds": Field(float, default_value=0.5)})
+def sleep_op(context) -> bool:
+    time.sleep(context.op_config["seconds"])
+    return True
+
+
+@op(tags={TASKIQ_QUEUE_TAG: "fooqueue"})
+def fooqueue(context) -> bool:
+    assert context.op.tags[TASKIQ_QUEUE_TAG] == "fooqueue"
+    context.log.info("Executing on queue fooqueue")
+    return True
+
+
+@op(tags={"dagster-celery/queue": "fooqueue"})
+def celery_tagged(context) -> bool:
+    return True
+
+
+@op
+def report_pid() -> int:
+    return os.getpid()
+
+
+def _priority_op(name: str, priority: int):
+    @op(name=name, tags={TASKIQ_PRIORITY_TAG: str(priority)})
+    def _op(context) -> bool:
+        assert context.op.tags[TASKIQ_PRIORITY_TAG] == str(priority)
+        context.log.info(f"Executing with priority {priority}")
+        return True
+
+    return _op
+
+
+PRIORITY_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven_", "eight",
+                  "nine", "ten"]
+priority_ops = [_priority_op(name, i) for i, name in enumerate(PRIORITY_NAMES)]
+
+
+@op(tags={TASKIQ_PRIORITY_TAG: "high"})
+def bad_priority_op() -> int:
+    return 1
+
+
+@job(executor_def=taskiq_executor)
+def test_job():
+    simple()
+
+
+@job(executor_def=taskiq_executor)
+def test_serial_job():
+    add_one(simple())
+
+
+@job(executor_def=taskiq_executor)
+def test_diamond_job():
+    value_one, value_two = emit_values()
+    subtract(num_one=add_one(num=value_one), num_two=add_one.alias("renamed")(num=value_two))
+
+
+@job(executor_def=taskiq_executor)
+def test_parallel_job():
+    value = simple()
+    for i in range(10):
+        add_one.alias(f"add_one_{i}")(value)
+
+
+def _nesting_graph(depth: int, num_children: int, name: str = "start"):
+    """A graph of ``num_children ** depth`` leaf ops, nested ``depth`` levels deep."""
+    if depth == 0:
+        return simple.alias(name)
+
+    children = [_nesting_graph(depth - 1, num_children, f"{name}_{i}") for i in range(num_children)]
+
+    @graph(name=name)
+    def _nested():
+        for child in children:
+            child()
+
+    return _nested
+
+
+composite_job = _nesting_graph(2, 2).to_job(name="composite_job", executor_def=taskiq_executor)
+
+
+@job(executor_def=taskiq_executor)
+def test_optional_outputs():
+    out_1, out_2, out_3 = maybe_outputs()
+    passthrough.alias("first_consumer")(out_1)
+    passthrough.alias("second_consumer")(out_2)
+    passthrough.alias("third_consumer")(out_3)
+
+
+@job(executor_def=taskiq_executor)
+def test_fails():
+    should_never_execute(fails())
+
+
+@job(executor_def=taskiq_executor)
+def test_retries():
+    retry_request()
+
+
+@job(executor_def=taskiq_executor)
+def engine_error():
+    a = simple()
+    subtract(a, destroy(a))
+
+
+@job(executor_def=taskiq_executor)
+def test_resources_limit():
+    resource_req_op()
+
+
+@job(executor_def=taskiq_executor)
+def simple_priority_job():
+    for priority_op in priority_ops:
+        priority_op()
+
+
+@job(executor_def=taskiq_executor)
+def low_job():
+    for i in range(5):
+        sleep_op.alias(f"low_{i}")()
+
+
+@job(executor_def=taskiq_executor)
+def hi_job():
+    for i in range(5):
+        sleep_op.alias(f"hi_{i}")()
+
+
+@job(executor_def=taskiq_executor)
+def interrupt_job():
+    for i in range(20):
+        sleep_op.alias(f"sleep_{i}")()
+
+
+@job(executor_def=taskiq_executor)
+def multiqueue_job():
+    fooqueue()
+
+
+@job(executor_def=taskiq_executor)
+def celery_tag_job():
+    celery_tagged()
+
+
+@job(executor_def=taskiq_executor)
+def bad_priority_job():
+    bad_priority_op()
+
+
+@job(executor_def=taskiq_executor)
+def pid_job():
+    add_one(simple())
+    report_pid()
+
+
+@job(executor_def=taskiq_executor)
+def chain_job():
+    value = simple()
+    for i in range(5):
+        value = add_one.alias(f"chain_{i}")(value)
