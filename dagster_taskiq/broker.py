@@ -333,8 +333,9 @@ class RedisLeaseBroker(AsyncBroker):
         )
         requeued = [i.decode() for i in ids]
         if requeued:
-            logger.warning("Requeued %d task(s) whose worker stopped heartbeating: %s",
-                           len(requeued), requeued)
+            logger.warning(
+                "Requeued %d task(s) whose worker stopped heartbeating: %s", len(requeued), requeued
+            )
         return requeued
 
     async def reap_if_due(self, every: float = 1.0) -> None:
@@ -360,8 +361,9 @@ class RedisLeaseBroker(AsyncBroker):
                     continue
                 backoff.reset()
             except REDIS_ERRORS as exc:
-                logger.warning("Broker %s unreachable (%s); retrying.",
-                               mask_url(self.settings.broker_url), exc)
+                logger.warning(
+                    "Broker %s unreachable (%s); retrying.", mask_url(self.settings.broker_url), exc
+                )
                 await backoff.wait()
                 continue
             task_id, body, token = claimed[0].decode(), claimed[1], int(claimed[2])
@@ -373,14 +375,16 @@ class RedisLeaseBroker(AsyncBroker):
         while True:
             try:
                 await self._run(
-                    "ack", [self._key("leases")],
+                    "ack",
+                    [self._key("leases")],
                     [self.settings.key_prefix, task_id, self.holder, token],
                 )
                 break
             except REDIS_ERRORS as exc:
                 if self._closing:
-                    logger.warning("Could not acknowledge %s (%s); its lease will expire.",
-                                   task_id, exc)
+                    logger.warning(
+                        "Could not acknowledge %s (%s); its lease will expire.", task_id, exc
+                    )
                     break
                 await backoff.wait()
         if self._held.get(task_id) == token:
@@ -415,8 +419,9 @@ class RedisLeaseBroker(AsyncBroker):
                 await backoff.wait()
                 continue
             for task_id in lost:
-                logger.error("Lost the lease on task %s (it was handed to another worker).",
-                             task_id)
+                logger.error(
+                    "Lost the lease on task %s (it was handed to another worker).", task_id
+                )
                 self._held.pop(task_id, None)
                 if self.on_lost is not None:
                     self.on_lost(task_id)

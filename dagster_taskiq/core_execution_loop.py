@@ -55,8 +55,9 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                        name="dagster-taskiq-orchestrator")
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, daemon=True, name="dagster-taskiq-orchestrator"
+        )
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -115,8 +116,9 @@ def core_taskiq_execution_loop(
     steps = execution_plan.get_steps_to_execute_in_topo_order()
     priority = {
         step.key: run_priority
-        + priority_from_tags(step.tags, TASKIQ_PRIORITY_TAG, DEFAULT_STEP_PRIORITY,
-                             f'Step "{step.key}"')
+        + priority_from_tags(
+            step.tags, TASKIQ_PRIORITY_TAG, DEFAULT_STEP_PRIORITY, f'Step "{step.key}"'
+        )
         for step in steps
     }
     queue_of = {step.key: _step_queue(step, executor.default_queue) for step in steps}
@@ -135,14 +137,16 @@ def core_taskiq_execution_loop(
         except BrokerUnavailable as exc:
             raise DagsterInvariantViolationError(str(exc)) from None
 
-        with InstanceConcurrencyContext(plan_context.instance, run) as concurrency, \
-                execution_plan.start(
-                    retry_mode=executor.retries,
-                    sort_key_fn=lambda step: -priority[step.key],
-                    max_concurrent=executor.max_concurrent,
-                    tag_concurrency_limits=executor.tag_concurrency_limits,
-                    instance_concurrency_context=concurrency,
-                ) as active_execution:
+        with (
+            InstanceConcurrencyContext(plan_context.instance, run) as concurrency,
+            execution_plan.start(
+                retry_mode=executor.retries,
+                sort_key_fn=lambda step: -priority[step.key],
+                max_concurrent=executor.max_concurrent,
+                tag_concurrency_limits=executor.tag_concurrency_limits,
+                instance_concurrency_context=concurrency,
+            ) as active_execution,
+        ):
             while (not active_execution.is_complete and not stopping) or in_flight:
                 if active_execution.check_for_interrupts():
                     yield DagsterEvent.engine_event(
@@ -161,15 +165,19 @@ def core_taskiq_execution_loop(
                         key = step.key
                         yield DagsterEvent.engine_event(
                             plan_context.for_step(step),
-                            f'Submitting taskiq task for step "{key}" to queue '
-                            f'"{queue_of[key]}".',
+                            f'Submitting taskiq task for step "{key}" to queue "{queue_of[key]}".',
                             EngineEventData(marker_start=QUEUE_WAIT_MARKER),
                         )
                         try:
                             task_id = runner.run(
                                 submit_step(
-                                    broker, plan_context, step, queue_of[key], priority[key],
-                                    active_execution.get_known_state(), reply_to,
+                                    broker,
+                                    plan_context,
+                                    step,
+                                    queue_of[key],
+                                    priority[key],
+                                    active_execution.get_known_state(),
+                                    reply_to,
                                     executor.worker_heartbeat_timeout,
                                 )
                             )
@@ -207,8 +215,7 @@ def core_taskiq_execution_loop(
                 runner.run(broker.revoke(list(in_flight)))
             except Exception:
                 plan_context.log.warning(
-                    f"Could not revoke {len(in_flight)} task(s) at "
-                    f"{mask_url(settings.broker_url)}."
+                    f"Could not revoke {len(in_flight)} task(s) at {mask_url(settings.broker_url)}."
                 )
         try:
             runner.run(_close(broker, reply_to))

@@ -185,13 +185,17 @@ async def submit_step(
     )
     task = broker.find_task(TASK_EXECUTE_PLAN)
     assert task is not None, "execute_plan is registered by make_app"
-    sent = await task.kicker().with_labels(
-        **{
-            QUEUE_LABEL: queue,
-            PRIORITY_LABEL: priority,
-            LEASE_LABEL: lease_seconds,
-            REPLY_LABEL: reply_to,
-            "step_key": step.key,
-        }
-    ).kiq(serialize_value(step_args), dict(recon_job.to_dict()))
+    sent = (
+        await task.kicker()
+        .with_labels(
+            **{
+                QUEUE_LABEL: queue,
+                PRIORITY_LABEL: priority,
+                LEASE_LABEL: lease_seconds,
+                REPLY_LABEL: reply_to,
+                "step_key": step.key,
+            }
+        )
+        .kiq(serialize_value(step_args), dict(recon_job.to_dict()))
+    )
     return sent.task_id

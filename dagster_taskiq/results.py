@@ -73,8 +73,12 @@ class RedisReplyBackend(AsyncResultBackend[Any]):
             except REDIS_ERRORS as exc:
                 if self._closing:
                     raise
-                logger.warning("Cannot store the result of %s in %s (%s); retrying.",
-                               task_id, mask_url(self.settings.backend_url), exc)
+                logger.warning(
+                    "Cannot store the result of %s in %s (%s); retrying.",
+                    task_id,
+                    mask_url(self.settings.backend_url),
+                    exc,
+                )
                 await backoff.wait()
 
     async def is_result_ready(self, task_id: str) -> bool:
