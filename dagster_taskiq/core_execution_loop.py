@@ -65,6 +65,7 @@ class _LoopThread:
         return future.result()
 
     def close(self) -> None:
+        self.run(self.loop.shutdown_asyncgens())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
         self.loop.close()

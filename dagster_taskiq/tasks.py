@@ -8,6 +8,7 @@ loaded jobs between tasks, keyed by instance ref and code pointer, so no step re
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import os
@@ -45,10 +46,11 @@ class StepRunner(Protocol):
 
 
 class InlineStepRunner:
-    """Eager mode: the step runs right here, in the orchestrating process."""
+    """Eager mode: the step runs in this (the orchestrating) process, on a thread of its own
+    because Dagster runs its own event loop inside step execution."""
 
     async def run(self, task_id: str, step: Callable[[], StepOutcome]) -> StepOutcome:
-        return step()
+        return await asyncio.to_thread(step)
 
 
 class _LoadedCode:

@@ -1,0 +1,194 @@
+"""Shared fixtures: a private redis-server, a real S3 endpoint, and Dagster instances on disk.
+
+Nothing here touches the machine's shared services: Redis runs on a free port of our own,
+the S3 endpoint is MinIO if its binary is on PATH, else SeaweedFS (``weed``), else moto's server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Timed out after {timeout} s waiting for {what}.")
+        time.sleep(interval)
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen
+    directory: Path
+    password: str | None = None
+
+    def url(self, db: int = 0) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis.from_url(self.url(db))
+
+
+def start_redis(directory: Path, password: str | None = None, *extra: str) -> RedisServer:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server).")
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(directory), *extra]
+    if password:
+        args += ["--requirepass", password]
+    log = open(directory / "redis.log", "wb")  # noqa: SIM115 - lives as long as the server
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    server = RedisServer(port, process, directory, password)
+
+    def answers() -> bool:
+        try:
+            return bool(server.client().ping())
+        except redis.RedisError:
+            return False
+
+    wait_for(answers, 10, f"redis-server on port {port}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.process.terminate()
+    server.process.wait(10)
+
+
+@pytest.fixture
+def broker_url(redis_server: RedisServer) -> str:
+    """The test's broker: database 0 of our private server, emptied first."""
+    redis_server.client().flushall()
+    return redis_server.url()
+
+
+@dataclass
+class S3Endpoint:
+    url: str
+    access_key: str
+    secret_key: str
+    kind: str
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "S3_ENDPOINT_URL": self.url,
+        }
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+        )
+
+
+def _start_s3(directory: Path) -> tuple[S3Endpoint, subprocess.Popen]:
+    port = free_port()
+    key, secret = "testaccess", "testsecret-0123456789"
+    url = f"http://127.0.0.1:{port}"
+    log = open(directory / "s3.log", "wb")  # noqa: SIM115 - lives as long as the server
+    if shutil.which("minio"):
+        env = {**os.environ, "MINIO_ROOT_USER": key, "MINIO_ROOT_PASSWORD": secret}
+        args = ["minio", "server", str(directory / "data"), "--address", f"127.0.0.1:{port}",
+                "--console-address", f"127.0.0.1:{free_port()}"]
+        kind = "minio"
+    elif shutil.which("weed"):
+        config = directory / "s3.json"
+        config.write_text(
+            '{"identities": [{"name": "test", "credentials": [{"accessKey": "%s", '
+            '"secretKey": "%s"}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}'
+            % (key, secret)
+        )
+        env = dict(os.environ)
+        args = ["weed", "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-s3.port={port}", f"-master.port={free_port()}",
+                f"-volume.port={free_port()}", f"-filer.port={free_port()}",
+                f"-s3.config={config}", "-admin.ui=false", "-webdav=false"]
+        kind = "seaweedfs"
+    else:
+        env = dict(os.environ)
+        args = ["moto_server", "-H", "127.0.0.1", "-p", str(port)]
+        kind = "moto"
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    endpoint = S3Endpoint(url, key, secret, kind)
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"{kind} exited; see {directory / 's3.log'}")
+        try:
+            endpoint.client().list_buckets()
+            return True
+        except Exception:
+            return False
+
+    wait_for(answers, 30, f"{kind} S3 endpoint on port {port}", interval=0.2)
+    return endpoint, process
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> Iterator[S3Endpoint]:
+    endpoint, process = _start_s3(tmp_path_factory.mktemp("s3"))
+    yield endpoint
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+def dagster_home(tmp_path, monkeypatch) -> Path:
+    """A fresh on-disk DAGSTER_HOME (sqlite storage) that worker subprocesses inherit."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def instance(dagster_home):
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        yield instance
+
+
+@pytest.fixture
+def io_dir() -> Iterator[str]:
+    with tempfile.TemporaryDirectory() as directory:
+        yield directory
