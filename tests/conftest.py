@@ -6,6 +6,7 @@ the S3 endpoint is MinIO if its binary is on PATH, else SeaweedFS (``weed``), el
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -131,11 +132,9 @@ def _start_s3(directory: Path) -> tuple[S3Endpoint, subprocess.Popen]:
         kind = "minio"
     elif shutil.which("weed"):
         config = directory / "s3.json"
-        config.write_text(
-            '{"identities": [{"name": "test", "credentials": [{"accessKey": "%s", '
-            '"secretKey": "%s"}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}'
-            % (key, secret)
-        )
+        identity = {"name": "test", "credentials": [{"accessKey": key, "secretKey": secret}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+        config.write_text(json.dumps({"identities": [identity]}))
         env = dict(os.environ)
         args = ["weed", "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-s3.port={port}", f"-master.port={free_port()}",

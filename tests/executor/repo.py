@@ -10,6 +10,7 @@ import os
 import time
 
 from dagster import (
+    EnvVar,
     Field,
     Int,
     Out,
@@ -243,3 +244,19 @@ def chain_job():
     value = simple()
     for i in range(5):
         value = add_one.alias(f"chain_{i}")(value)
+
+
+def _s3_io_manager():
+    from dagster_aws.s3 import S3PickleIOManager, S3Resource
+
+    return S3PickleIOManager(
+        s3_resource=S3Resource(endpoint_url=EnvVar("S3_ENDPOINT_URL")),
+        s3_bucket=EnvVar("S3_BUCKET"),
+        s3_prefix="taskiq-tests",
+    )
+
+
+@job(executor_def=taskiq_executor, resource_defs={"io_manager": _s3_io_manager()})
+def s3_job():
+    value_one, value_two = emit_values()
+    subtract(add_one(value_one), add_one.alias("renamed")(value_two))
