@@ -46,13 +46,17 @@ def test_unreachable_broker_fails_fast_with_masked_url(instance, io_dir):
     assert _submitted(instance, result.run_id) == 0
 
 
+def _refused(instance, config, error=Exception, match: str = "") -> None:
+    with (
+        pytest.raises(error, match=match),
+        execute_test_job("test_job", instance, config, raise_on_error=True),
+    ):
+        pass
+
+
 def test_unsupported_broker_scheme(instance, io_dir):
-    with pytest.raises(Exception, match=r"Unsupported broker URL 'amqp://guest:\*\*\*@localhost"):
-        with execute_test_job(
-            "test_job", instance, run_config(io_dir, "amqp://guest:pw@localhost:5672//"),
-            raise_on_error=True,
-        ):
-            pass
+    config = run_config(io_dir, "amqp://guest:pw@localhost:5672//")
+    _refused(instance, config, match=r"Unsupported broker URL 'amqp://guest:\*\*\*@localhost")
 
 
 def test_non_integer_priority_tag_names_step_and_tag(instance, io_dir, broker_url):
@@ -103,16 +107,12 @@ def test_in_memory_io_manager_is_refused(instance, broker_url):
 def test_unknown_executor_config_key(instance, io_dir, broker_url):
     config = run_config(io_dir, broker_url)
     config["execution"]["config"]["brokr"] = broker_url
-    with pytest.raises(DagsterInvalidConfigError, match="brokr"):
-        with execute_test_job("test_job", instance, config, raise_on_error=True):
-            pass
+    _refused(instance, config, DagsterInvalidConfigError, "brokr")
 
 
 def test_unknown_config_source_key(instance, io_dir, broker_url):
     config = run_config(io_dir, broker_url, config_source={"visibility_timeout": 18000})
-    with pytest.raises(Exception, match=r"Unknown config_source key\(s\) \['visibility_timeout'\]"):
-        with execute_test_job("test_job", instance, config, raise_on_error=True):
-            pass
+    _refused(instance, config, match=r"Unknown config_source key\(s\) \['visibility_timeout'\]")
 
 
 def test_mask_url():

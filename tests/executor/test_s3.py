@@ -18,7 +18,8 @@ def test_s3_io_manager_on_workers(start_worker, instance, broker_url, s3_endpoin
         assert result.success
         assert result.output_for_node("subtract") == -1
         run_id = result.run_id
-    listed = s3_endpoint.client().list_objects_v2(Bucket=bucket, Prefix=f"taskiq-tests/storage/{run_id}")
+    prefix = f"taskiq-tests/storage/{run_id}"
+    listed = s3_endpoint.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
     keys = sorted(obj["Key"].rsplit("/", 2)[-2] + "/" + obj["Key"].rsplit("/", 1)[-1]
                   for obj in listed.get("Contents", []))
     assert keys == [
