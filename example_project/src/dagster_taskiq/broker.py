@@ -1,0 +1,448 @@
+"""Our Redis broker for taskiq: named queues, exact priority, leases kept alive by heartbeats.
+
+Stock taskiq-redis brokers lose tasks (list/pubsub), re-run long tasks while they still run
+(streams), hoard messages and have no priority, so the executor brings its own. Layout in Redis,
+under ``<prefix>:``:
+
+- ``task:<id>``   hash: the message ``body``, its ``queue``, ``member``/``score`` (its place in the
+  queue), ``lease`` seconds, ``reply_to``, and while leased the ``holder`` and delivery ``token``.
+- ``queue:<q>``  sorted set of waiting tasks. Score ``-priority`` (higher priority pops first);
+  members ``<15-digit sequence>|<id>`` so equal scores pop in submission order (FIFO).
+- ``leases``     sorted set of leased task ids scored by deadline (ms). Workers push deadlines
+  forward with heartbeats; an expired lease (its worker died) puts the task back in its queue.
+- ``wake:<q>``   list used only to wake blocked consumers (BLPOP) when work arrives.
+
+Every state change is one Lua script, so a task is always in exactly one place: queued, leased
+or gone (acknowledged). Messages are taskiq's JSON; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from functools import partial
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from taskiq import AckableMessage, AsyncBroker, BrokerMessage
+
+from dagster_taskiq.config import BROKER_URL_ENV, DEFAULT_QUEUE, BrokerSettings, mask_url
+
+logger = logging.getLogger("dagster_taskiq.broker")
+
+# Labels the executor puts on messages; the broker reads them.
+QUEUE_LABEL = "queue_name"  # the name taskiq-redis uses too
+PRIORITY_LABEL = "priority"
+LEASE_LABEL = "lease_seconds"
+REPLY_LABEL = "reply_to"
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+_KICK = """
+local seq = redis.call('INCR', KEYS[4])
+local member = string.format('%015d|', seq) .. ARGV[1]
+redis.call('HSET', KEYS[1], 'body', ARGV[2], 'queue', ARGV[3], 'member', member,
+           'score', ARGV[4], 'lease', ARGV[5], 'reply_to', ARGV[6], 'enqueued_ms', ARGV[7])
+redis.call('ZADD', KEYS[2], ARGV[4], member)
+redis.call('RPUSH', KEYS[3], '1')
+redis.call('LTRIM', KEYS[3], -100, -1)
+return seq
+"""
+
+# KEYS: leases, queue keys..., wake keys... (same order); ARGV: now_ms, holder, prefix, n_queues
+_CLAIM = """
+local n = tonumber(ARGV[4])
+while true do
+  local best, best_member, best_score = nil, nil, nil
+  for i = 2, n + 1 do
+    local top = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    if top[1] then
+      local score = tonumber(top[2])
+      if best_score == nil or score < best_score then
+        best, best_member, best_score = i, top[1], score
+      end
+    end
+  end
+  if best == nil then
+    for i = n + 2, 2 * n + 1 do redis.call('DEL', KEYS[i]) end
+    return nil
+  end
+  redis.call('ZREM', KEYS[best], best_member)
+  if redis.call('ZCARD', KEYS[best]) > 0 then redis.call('RPUSH', KEYS[best + n], '1') end
+  local id = string.sub(best_member, 17)
+  local task = ARGV[3] .. ':task:' .. id
+  local body = redis.call('HGET', task, 'body')
+  if body then
+    local token = redis.call('HINCRBY', task, 'token', 1)
+    redis.call('HSET', task, 'holder', ARGV[2])
+    local lease = tonumber(redis.call('HGET', task, 'lease'))
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + lease * 1000, id)
+    return {id, body, token}
+  end
+end
+"""
+
+# KEYS: leases; ARGV: now_ms, holder, prefix, then (id, token) pairs.
+# Returns {lost ids, cancelled ids}: lost = no longer ours (redelivered or acknowledged).
+_HEARTBEAT = """
+local lost, cancelled = {}, {}
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local task = ARGV[3] .. ':task:' .. id
+  local f = redis.call('HMGET', task, 'holder', 'token', 'lease', 'cancel')
+  if f[1] ~= ARGV[2] or f[2] ~= ARGV[i + 1] then
+    table.insert(lost, id)
+  else
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(f[3]) * 1000, id)
+    if f[4] then table.insert(cancelled, id) end
+  end
+end
+return {lost, cancelled}
+"""
+
+# KEYS: leases; ARGV: prefix, id, holder, token
+_ACK = """
+local task = ARGV[1] .. ':task:' .. ARGV[2]
+local f = redis.call('HMGET', task, 'holder', 'token')
+if f[1] == ARGV[3] and f[2] == ARGV[4] then
+  redis.call('DEL', task)
+  redis.call('ZREM', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# A reply that tells the orchestrator a task will never produce a result.
+_REVOKED_REPLY = "cjson.encode({task_id = id, revoked = true, reason = reason})"
+
+# KEYS: leases; ARGV: now_ms, prefix, limit. Expired leases go back to their queue (same place),
+# except tasks cancelled while running: those are dropped and their waiter told so.
+_REAP = f"""
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local requeued = {{}}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local task = ARGV[2] .. ':task:' .. id
+  local f = redis.call('HMGET', task, 'queue', 'member', 'score', 'cancel', 'holder', 'reply_to')
+  if f[1] then
+    if f[4] then
+      redis.call('DEL', task)
+      if f[6] ~= '' then
+        local reason = 'cancelled; its worker ' .. (f[5] or '?') .. ' stopped heartbeating'
+        redis.call('RPUSH', f[6], {_REVOKED_REPLY})
+      end
+    else
+      redis.call('HDEL', task, 'holder')
+      redis.call('HSET', task, 'lost_holder', f[5] or '')
+      redis.call('ZADD', ARGV[2] .. ':queue:' .. f[1], f[3], f[2])
+      redis.call('RPUSH', ARGV[2] .. ':wake:' .. f[1], '1')
+      table.insert(requeued, id)
+    end
+  end
+end
+return requeued
+"""
+
+# KEYS: leases; ARGV: prefix, ids... Returns one state per id: dropped | running | gone.
+_REVOKE = f"""
+local states = {{}}
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local task = ARGV[1] .. ':task:' .. id
+  local f = redis.call('HMGET', task, 'queue', 'member', 'holder', 'reply_to')
+  if not f[1] then
+    table.insert(states, 'gone')
+  elseif not f[3] then
+    redis.call('ZREM', ARGV[1] .. ':queue:' .. f[1], f[2])
+    redis.call('DEL', task)
+    if f[4] ~= '' then
+      local reason = 'revoked while queued'
+      redis.call('RPUSH', f[4], {_REVOKED_REPLY})
+    end
+    table.insert(states, 'dropped')
+  else
+    redis.call('HSET', task, 'cancel', '1')
+    table.insert(states, 'running')
+  end
+end
+return states
+"""
+
+
+def redis_client(url: str, settings: BrokerSettings) -> aioredis.Redis:
+    """An asyncio Redis client with explicit timeouts (redis-py 8's defaults break blocking
+    reads) and keepalive, so a dead server is noticed instead of waited on forever."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.socket_connect_timeout,
+        socket_keepalive=True,
+        health_check_interval=30,
+        max_connections=settings.max_connections,
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Backoff:
+    """Exponential backoff for reconnect loops: 0.1 s doubling up to 5 s, reset on success."""
+
+    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+        self._first, self._cap, self._next = first, cap, first
+
+    def reset(self) -> None:
+        self._next = self._first
+
+    async def wait(self) -> None:
+        delay, self._next = self._next, min(self._next * 2, self._cap)
+        await asyncio.sleep(delay)
+
+
+class RedisLeaseBroker(AsyncBroker):
+    """A taskiq broker over Redis with queues, exact priority and heartbeat-driven leases.
+
+    ``queues`` are the queues this process consumes (in the order given: on equal priority the
+    earlier queue wins); a client that only submits can leave the default. ``on_cancel`` is
+    called with a task id when the orchestrator asks to stop a task this process is running.
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        queues: Sequence[str] = (DEFAULT_QUEUE,),
+        holder: str = "client",
+        block_seconds: float = 1.0,
+        heartbeat_seconds: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not queues:
+            raise ValueError("A consumer needs at least one queue.")
+        self.settings = settings
+        self.queues = list(dict.fromkeys(queues))
+        self.holder = holder
+        self.block_seconds = block_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.on_cancel: Callable[[str], None] | None = None
+        self.on_lost: Callable[[str], None] | None = None
+        self._redis: aioredis.Redis | None = None
+        self._held: dict[str, int] = {}  # task id -> delivery token, for leases we hold
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._last_reap = 0.0
+
+    # -- keys -------------------------------------------------------------------------------
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.settings.key_prefix, *parts))
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            self._redis = redis_client(self.settings.broker_url, self.settings)
+            self._scripts = {
+                name: self._redis.register_script(source)
+                for name, source in {
+                    "kick": _KICK,
+                    "claim": _CLAIM,
+                    "heartbeat": _HEARTBEAT,
+                    "ack": _ACK,
+                    "reap": _REAP,
+                    "revoke": _REVOKE,
+                }.items()
+            }
+        return self._redis
+
+    async def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        _ = self.redis
+        return await self._scripts[script](keys=list(keys), args=list(args))
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def startup(self) -> None:
+        await super().startup()
+        await self.ping()
+        if self.is_worker_process:
+            self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        await super().shutdown()
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def ping(self) -> None:
+        """Fail fast and clearly when the broker is unreachable (the password stays masked)."""
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while True:
+            try:
+                await self.redis.ping()
+                return
+            except REDIS_ERRORS as exc:
+                if time.monotonic() >= deadline:
+                    raise BrokerUnavailable(self.settings.broker_url, exc) from None
+                await asyncio.sleep(0.2)
+
+    # -- sending ----------------------------------------------------------------------------
+    async def kick(self, message: BrokerMessage) -> None:
+        labels = message.labels
+        queue = str(labels.get(QUEUE_LABEL) or DEFAULT_QUEUE)
+        priority = int(labels.get(PRIORITY_LABEL, 0))
+        lease = float(labels.get(LEASE_LABEL, 30.0))
+        await self._run(
+            "kick",
+            [
+                self._key("task", message.task_id),
+                self._key("queue", queue),
+                self._key("wake", queue),
+                self._key("seq"),
+            ],
+            [
+                message.task_id,
+                message.message,
+                queue,
+                -priority,
+                lease,
+                str(labels.get(REPLY_LABEL) or ""),
+                _now_ms(),
+            ],
+        )
+
+    async def revoke(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """Drop queued tasks (their waiters get a 'revoked' reply) and flag running ones for
+        cancellation (their worker kills them). Returns dropped | running | gone per id."""
+        if not task_ids:
+            return {}
+        states = await self._run(
+            "revoke", [self._key("leases")], [self.settings.key_prefix, *task_ids]
+        )
+        return {tid: state.decode() for tid, state in zip(task_ids, states, strict=True)}
+
+    async def reap(self, limit: int = 100) -> list[str]:
+        """Put tasks whose lease expired (their worker stopped heartbeating) back in their queue."""
+        self._last_reap = time.monotonic()
+        ids = await self._run(
+            "reap", [self._key("leases")], [_now_ms(), self.settings.key_prefix, limit]
+        )
+        requeued = [i.decode() for i in ids]
+        if requeued:
+            logger.warning(
+                "Requeued %d task(s) whose worker stopped heartbeating: %s", len(requeued), requeued
+            )
+        return requeued
+
+    async def reap_if_due(self, every: float = 1.0) -> None:
+        if time.monotonic() - self._last_reap >= every:
+            await self.reap()
+
+    # -- receiving --------------------------------------------------------------------------
+    async def listen(self) -> AsyncGenerator[AckableMessage, None]:
+        queue_keys = [self._key("queue", q) for q in self.queues]
+        wake_keys = [self._key("wake", q) for q in self.queues]
+        backoff = Backoff()
+        while not self._closing:
+            try:
+                await self.reap_if_due()
+                claimed = await self._run(
+                    "claim",
+                    [self._key("leases"), *queue_keys, *wake_keys],
+                    [_now_ms(), self.holder, self.settings.key_prefix, len(queue_keys)],
+                )
+                if claimed is None:
+                    await self.redis.blpop(wake_keys, timeout=self.block_seconds)
+                    backoff.reset()
+                    continue
+                backoff.reset()
+            except REDIS_ERRORS as exc:
+                logger.warning(
+                    "Broker %s unreachable (%s); retrying.", mask_url(self.settings.broker_url), exc
+                )
+                await backoff.wait()
+                continue
+            task_id, body, token = claimed[0].decode(), claimed[1], int(claimed[2])
+            self._held[task_id] = token
+            yield AckableMessage(data=body, ack=partial(self._ack, task_id, token))
+
+    async def _ack(self, task_id: str, token: int) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                await self._run(
+                    "ack",
+                    [self._key("leases")],
+                    [self.settings.key_prefix, task_id, self.holder, token],
+                )
+                break
+            except REDIS_ERRORS as exc:
+                if self._closing:
+                    logger.warning(
+                        "Could not acknowledge %s (%s); its lease will expire.", task_id, exc
+                    )
+                    break
+                await backoff.wait()
+        if self._held.get(task_id) == token:
+            del self._held[task_id]
+
+    # -- leases -----------------------------------------------------------------------------
+    def _heartbeat_interval(self) -> float:
+        if self.heartbeat_seconds is not None:
+            return self.heartbeat_seconds
+        return 1.0
+
+    async def heartbeat(self) -> tuple[list[str], list[str]]:
+        """Extend the leases we hold. Returns (lost, cancelled) task ids."""
+        held = dict(self._held)
+        if not held:
+            return [], []
+        args: list[Any] = [_now_ms(), self.holder, self.settings.key_prefix]
+        for task_id, token in held.items():
+            args += [task_id, token]
+        lost, cancelled = await self._run("heartbeat", [self._key("leases")], args)
+        return [i.decode() for i in lost], [i.decode() for i in cancelled]
+
+    async def _heartbeat_loop(self) -> None:
+        backoff = Backoff()
+        while True:
+            await asyncio.sleep(self._heartbeat_interval())
+            try:
+                lost, cancelled = await self.heartbeat()
+                backoff.reset()
+            except REDIS_ERRORS as exc:
+                logger.warning("Heartbeat failed (%s); retrying.", exc)
+                await backoff.wait()
+                continue
+            for task_id in lost:
+                logger.error(
+                    "Lost the lease on task %s (it was handed to another worker).", task_id
+                )
+                self._held.pop(task_id, None)
+                if self.on_lost is not None:
+                    self.on_lost(task_id)
+            for task_id in cancelled:
+                if self.on_cancel is not None:
+                    self.on_cancel(task_id)
+
+    # -- inspection (CLI, tests) ------------------------------------------------------------
+    async def queued_task_ids(self, queue: str) -> list[str]:
+        members = await self.redis.zrange(self._key("queue", queue), 0, -1)
+        return [m.decode().split("|", 1)[1] for m in members]
+
+    async def leased_task_ids(self) -> list[str]:
+        return [m.decode() for m in await self.redis.zrange(self._key("leases"), 0, -1)]
+
+
+class BrokerUnavailable(Exception):
+    """The broker could not be reached within ``connect_timeout``."""
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        super().__init__(
+            f"Cannot reach the taskiq broker at {mask_url(url)}: {cause}. Is Redis running "
+            f"there? Set the executor's `broker` config (or {BROKER_URL_ENV}) to its URL."
+        )

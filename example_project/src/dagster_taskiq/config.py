@@ -1,0 +1,108 @@
+"""Defaults, task names and the broker settings shared by orchestrator, workers and CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from dagster import DagsterInvalidConfigError
+
+BROKER_URL_ENV = "DAGSTER_TASKIQ_BROKER_URL"
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+DEFAULT_QUEUE = "dagster"
+DEFAULT_HEARTBEAT_TIMEOUT = 30.0
+
+TASK_EXECUTE_PLAN = "execute_plan"
+TASK_EXECUTE_JOB = "execute_job"
+TASK_RESUME_JOB = "resume_job"
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: safe for logs, events and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def validate_redis_url(url: str, what: str) -> str:
+    """Raise a clear error unless ``url`` is a Redis URL we can connect to."""
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    if scheme not in _REDIS_SCHEMES:
+        raise DagsterInvalidConfigError(
+            f"Unsupported {what} URL {mask_url(url)!r}: dagster-taskiq needs a Redis URL "
+            "(redis://[:password@]host[:port][/db], rediss:// for TLS, or unix:///path).",
+            [],
+            url,
+        )
+    return url
+
+
+def default_broker_url() -> str:
+    return os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where the queues and results live and how to talk to them.
+
+    Built from the executor's (or launcher's, or worker YAML's) ``broker``, ``backend`` and
+    ``config_source``; the fields below other than the URLs are the ``config_source`` keys.
+    """
+
+    broker_url: str
+    backend_url: str
+    task_always_eager: bool = False
+    key_prefix: str = "dagster-taskiq"
+    socket_timeout: float = 30.0
+    socket_connect_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    result_ttl_seconds: int = 7 * 24 * 3600
+    max_connections: int = 64
+
+    @classmethod
+    def from_config(
+        cls,
+        broker: str | None = None,
+        backend: str | None = None,
+        config_source: Mapping[str, Any] | None = None,
+    ) -> BrokerSettings:
+        broker_url = validate_redis_url(broker or default_broker_url(), "broker")
+        backend_url = validate_redis_url(backend or broker_url, "backend")
+        options = dict(config_source or {})
+        known = {f.name for f in fields(cls)} - {"broker_url", "backend_url"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise DagsterInvalidConfigError(
+                f"Unknown config_source key(s) {unknown} for the taskiq executor. "
+                f"Supported keys: {sorted(known)}.",
+                [],
+                options,
+            )
+        settings = cls(broker_url=broker_url, backend_url=backend_url, **options)
+        for name in ("socket_timeout", "socket_connect_timeout", "connect_timeout"):
+            if not float(getattr(settings, name)) > 0:
+                raise DagsterInvalidConfigError(
+                    f"config_source.{name} must be a positive number of seconds.", [], options
+                )
+        return settings
+
+    def as_config_source(self) -> dict[str, Any]:
+        """The non-URL fields, as a ``config_source`` mapping (sent to run workers)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("broker_url", "backend_url")
+        }

@@ -1,0 +1,200 @@
+"""What a worker runs: the ``execute_plan`` task (one Dagster step).
+
+A task loads the step's instance and job in the worker's long-lived process (:func:`prepare_step`),
+then hands :meth:`PreparedStep.execute` to the worker's step runner: a forked child process on
+real workers (killable, crash-isolated, yet warm), inline in eager mode. Workers keep instances and
+loaded jobs between tasks, keyed by instance ref and code pointer, so no step re-imports code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import socket
+import sys
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from dagster import DagsterInstance
+from dagster._core.definitions.reconstruct import ReconstructableJob
+from dagster._core.events import EngineEventData
+from dagster._core.execution.api import create_execution_plan, execute_plan_iterator
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._grpc.types import ExecuteStepArgs
+from dagster._serdes import deserialize_value, serialize_value
+from dagster._utils.error import serializable_error_info_from_exc_info
+from taskiq import AsyncBroker, Context, TaskiqDepends
+
+from dagster_taskiq.config import TASK_EXECUTE_PLAN
+
+QUEUE_WAIT_MARKER = "taskiq_queue_wait"
+
+StepOutcome = dict[str, Any]
+"""``{"events": [serialized DagsterEvent, ...], "error": serialized SerializableErrorInfo | None,
+"crashed": bool}``: ``error`` is an exception in the worker outside the step's own handling;
+``crashed`` means the step's process died (signal, ``os._exit``) before it could answer."""
+
+
+class StepRunner(Protocol):
+    """Runs a step function somewhere (inline, or in a child process) and returns its outcome."""
+
+    def run(self, task_id: str, step: Callable[[], StepOutcome]) -> Awaitable[StepOutcome]: ...
+
+
+class InlineStepRunner:
+    """Eager mode: the step runs in this (the orchestrating) process, on a thread of its own
+    because Dagster runs its own event loop inside step execution."""
+
+    async def run(self, task_id: str, step: Callable[[], StepOutcome]) -> StepOutcome:
+        return await asyncio.to_thread(step)
+
+
+class _LoadedCode:
+    """Instances and jobs kept between tasks (a few of each; the oldest is dropped)."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self.instances: OrderedDict[str, DagsterInstance] = OrderedDict()
+        self.jobs: OrderedDict[str, ReconstructableJob] = OrderedDict()
+        self.runs: OrderedDict[str, None] = OrderedDict()
+
+    def instance(self, args: ExecuteStepArgs) -> DagsterInstance:
+        if args.instance_ref is None:
+            raise ValueError("The step arrived without an instance ref.")
+        key = serialize_value(args.instance_ref)
+        if key not in self.instances:
+            instance = DagsterInstance.from_ref(args.instance_ref)
+            # Storages and the compute log manager are built lazily: build them here, once,
+            # rather than in every forked step.
+            _ = instance.run_storage, instance.event_log_storage, instance.compute_log_manager
+            self.instances[key] = instance
+            if len(self.instances) > self.size:
+                self.instances.popitem(last=False)[1].dispose()
+        self.instances.move_to_end(key)
+        return self.instances[key]
+
+    def warm_run(self, instance: DagsterInstance, run_id: str) -> None:
+        """Open the run's event log once here, so that storages which set up per run (sqlite
+        shards a database per run) do it once per worker, not once per forked step."""
+        if run_id not in self.runs:
+            instance.event_log_storage.get_logs_for_run(run_id, limit=1)
+            self.runs[run_id] = None
+            if len(self.runs) > 64 * self.size:
+                self.runs.popitem(last=False)
+
+    def job(self, pointer: dict[str, Any]) -> ReconstructableJob:
+        key = json.dumps(pointer, sort_keys=True)
+        if key not in self.jobs:
+            recon_job = ReconstructableJob.from_dict(pointer)
+            recon_job.get_definition()  # import the user's code once, now
+            self.jobs[key] = recon_job
+            if len(self.jobs) > self.size:
+                self.jobs.popitem(last=False)
+        self.jobs.move_to_end(key)
+        return self.jobs[key]
+
+
+LOADED = _LoadedCode()
+
+# Modules Dagster imports lazily while executing a step: import them once in the worker so that
+# forked steps do not each pay for it.
+for _module in (
+    "dagster._core.execution.plan.active",
+    "dagster._core.execution.compute_logs",
+    "dagster._core.system_config.composite_descent",
+):
+    importlib.import_module(_module)
+
+
+def worker_label() -> str:
+    return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class PreparedStep:
+    """A step whose instance and job are loaded (in the worker's warm process), ready to run."""
+
+    args: ExecuteStepArgs
+    run: DagsterRun
+    instance: DagsterInstance
+    recon_job: ReconstructableJob
+    worker: str
+
+    def execute(self) -> StepOutcome:
+        """Run the step; every event is written to the instance as it happens (the UI sees the
+        step live) and also returned, serialized, for the orchestrator's bookkeeping."""
+        events: list[str] = []
+        try:
+            args, instance, run = self.args, self.instance, self.run
+            step_keys = list(args.step_keys_to_execute or [])
+            started = instance.report_engine_event(
+                f"Executing steps {', '.join(step_keys)} in taskiq worker",
+                run,
+                EngineEventData(
+                    {
+                        "step_keys": str(step_keys),
+                        "taskiq worker": self.worker,
+                        "pid": str(os.getpid()),
+                    },
+                    marker_end=QUEUE_WAIT_MARKER,
+                ),
+                step_key=step_keys[0] if len(step_keys) == 1 else None,
+            )
+            events.append(serialize_value(started))
+            plan = create_execution_plan(
+                self.recon_job,
+                run.run_config,
+                step_keys_to_execute=step_keys,
+                known_state=args.known_state,
+            )
+            for event in execute_plan_iterator(
+                plan,
+                self.recon_job,
+                run,
+                instance=instance,
+                retry_mode=args.retry_mode,
+                run_config=run.run_config,
+            ):
+                events.append(serialize_value(event))
+        except Exception:
+            return error_outcome(events)
+        return {"events": events, "error": None, "crashed": False}
+
+
+def prepare_step(step_args: str, job_pointer: dict[str, Any], worker: str) -> PreparedStep:
+    args = deserialize_value(step_args, ExecuteStepArgs)
+    instance = LOADED.instance(args)
+    LOADED.warm_run(instance, args.run_id)
+    run = instance.get_run_by_id(args.run_id)
+    if run is None:
+        raise ValueError(f"Could not load run {args.run_id} from the instance.")
+    return PreparedStep(args, run, instance, LOADED.job(job_pointer), worker)
+
+
+def error_outcome(events: list[str] | None = None) -> StepOutcome:
+    """The outcome for an exception being handled now (call from an ``except`` block)."""
+    error = serializable_error_info_from_exc_info(sys.exc_info())
+    return {"events": events or [], "error": serialize_value(error), "crashed": False}
+
+
+async def execute_plan(
+    step_args: str,
+    job_pointer: dict[str, Any],
+    context: Context = TaskiqDepends(),
+) -> StepOutcome:
+    """The ``execute_plan`` task: one step, run by this worker's step runner."""
+    runner: StepRunner = context.state.step_runner
+    worker: str = getattr(context.state, "worker_name", None) or worker_label()
+    try:
+        step = prepare_step(step_args, job_pointer, worker)
+    except Exception:
+        return error_outcome()
+    return await runner.run(context.message.task_id, step.execute)
+
+
+def register_tasks(broker: AsyncBroker) -> None:
+    broker.register_task(execute_plan, task_name=TASK_EXECUTE_PLAN)

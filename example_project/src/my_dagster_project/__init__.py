@@ -1,0 +1,1 @@
+"""A Dagster code location whose steps run on taskiq workers over Redis."""
