@@ -171,3 +171,52 @@ def test_dev_stack_runs_example_project_on_the_working_copy(profile: list[str]) 
         assert mounts["/opt/dagster/dev/dagster_taskiq"] == str(REPO / "dagster_taskiq"), name
         assert service["environment"]["PYTHONPATH"] == "/opt/dagster/dev", name
     assert model["services"]["redis"]["ports"][0]["host_ip"] == "127.0.0.1"
+
+
+INSTANCE_ENV = {
+    "DAGSTER_POSTGRES_HOST": "postgres",
+    "DAGSTER_POSTGRES_USER": "dagster",
+    "DAGSTER_POSTGRES_PASSWORD": "secret",
+    "DAGSTER_POSTGRES_DB": "dagster",
+    "DAGSTER_TASKIQ_BROKER_URL": "redis://:secret@redis:6379/0",
+    "S3_BUCKET": "bucket",
+    "S3_ENDPOINT_URL": "http://s3:9000",
+}
+
+
+def test_dagster_yaml_is_a_valid_instance_config(
+    rendered: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dagster._config import process_config
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster_aws.s3.compute_log_manager import S3ComputeLogManager
+
+    for name, value in INSTANCE_ENV.items():
+        monkeypatch.setenv(name, value)
+    config, _ = dagster_instance_config(str(rendered.path / "docker"))
+    assert set(config["storage"]) == {"postgres"}
+    assert config["run_launcher"]["module"] == "dagster_taskiq.launcher"
+    assert config["run_launcher"]["class"] == "TaskiqRunLauncher"
+    assert config["run_queue"]["max_concurrent_runs"] > 0
+    assert config["run_monitoring"]["enabled"] is True
+    logs = config["compute_logs"]
+    assert logs["class"] == "S3ComputeLogManager"
+    assert process_config(S3ComputeLogManager.config_type(), logs["config"]).success
+    assert "load_from" in (rendered.path / "docker" / "workspace.yaml").read_text()
+
+
+def test_run_launcher_config_fits_the_launcher(
+    rendered: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked once dagster_taskiq ships its run launcher."""
+    launcher = pytest.importorskip("dagster_taskiq.launcher")
+    from dagster._config import process_config
+    from dagster._core.instance.config import dagster_instance_config
+
+    for name, value in INSTANCE_ENV.items():
+        monkeypatch.setenv(name, value)
+    config, _ = dagster_instance_config(str(rendered.path / "docker"))
+    result = process_config(
+        launcher.TaskiqRunLauncher.config_type(), config["run_launcher"]["config"]
+    )
+    assert result.success, result.errors

@@ -347,7 +347,12 @@ class RedisLeaseBroker(AsyncBroker):
         queue_keys = [self._key("queue", q) for q in self.queues]
         wake_keys = [self._key("wake", q) for q in self.queues]
         backoff = Backoff()
+        this_task = asyncio.current_task()
         while not self._closing:
+            # redis-py can swallow a cancellation that lands inside a blocking read under its
+            # socket timeout; the request stays visible here, so the receiver can still stop us.
+            if this_task is not None and this_task.cancelling():
+                raise asyncio.CancelledError
             try:
                 await self.reap_if_due()
                 claimed = await self._run(

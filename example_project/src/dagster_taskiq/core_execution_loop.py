@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
@@ -194,7 +195,14 @@ def core_taskiq_execution_loop(
                         in_flight[task_id] = key
                     yield from active_execution.concurrency_event_iterator(plan_context)
 
-                replies = runner.run(_wait(broker, reply_to)) if in_flight else []
+                if in_flight:
+                    replies = runner.run(_wait(broker, reply_to))
+                else:
+                    # Nothing could be submitted (steps wait for concurrency slots): look again
+                    # shortly.
+                    replies = []
+                    if not active_execution.is_complete and not stopping:
+                        time.sleep(0.05)
                 for reply in replies:
                     key = in_flight.pop(reply.task_id, None)
                     if key is None:
@@ -206,9 +214,6 @@ def core_taskiq_execution_loop(
 
                 yield from active_execution.plan_events_iterator(plan_context)
 
-                if not in_flight and not active_execution.is_complete and not stopping:
-                    # Steps wait for concurrency slots: look again shortly.
-                    threading.Event().wait(0.05)
     finally:
         if in_flight and isinstance(broker, RedisLeaseBroker):
             # Leaving early (an error here): do not leave orphaned work on the queues.
