@@ -12,6 +12,9 @@ from copier import run_copy
 from scripts.render_example import EXAMPLE, REPO, differences, render
 from tests.template.conftest import Rendered
 
+# Expected while the template has uncommitted changes: they are what we test.
+pytestmark = pytest.mark.filterwarnings("ignore::copier.errors.DirtyLocalWarning")
+
 ALWAYS = [
     ".copier-answers.yml",
     ".dockerignore",
