@@ -26,9 +26,9 @@ from dagster._core.execution.tags import get_tag_concurrency_limits_config
 from dagster._core.executor.base import Executor
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import serialize_value
-from taskiq import AsyncBroker
 
 from dagster_taskiq.broker import LEASE_LABEL, PRIORITY_LABEL, QUEUE_LABEL, REPLY_LABEL
+from dagster_taskiq.client import TaskiqClient
 from dagster_taskiq.config import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_QUEUE,
@@ -159,8 +159,8 @@ class TaskiqExecutor(Executor):
         return core_taskiq_execution_loop(plan_context, execution_plan, self)
 
 
-async def submit_step(
-    broker: AsyncBroker,
+def submit_step(
+    client: TaskiqClient,
     plan_context: PlanOrchestrationContext,
     step: ExecutionStep,
     queue: str,
@@ -183,19 +183,13 @@ async def submit_step(
         known_state=known_state,
         print_serialized_events=True,
     )
-    task = broker.find_task(TASK_EXECUTE_PLAN)
-    assert task is not None, "execute_plan is registered by make_app"
-    sent = (
-        await task.kicker()
-        .with_labels(
-            **{
-                QUEUE_LABEL: queue,
-                PRIORITY_LABEL: priority,
-                LEASE_LABEL: lease_seconds,
-                REPLY_LABEL: reply_to,
-                "step_key": step.key,
-            }
-        )
-        .kiq(serialize_value(step_args), dict(recon_job.to_dict()))
+    labels = {
+        QUEUE_LABEL: queue,
+        PRIORITY_LABEL: priority,
+        LEASE_LABEL: lease_seconds,
+        REPLY_LABEL: reply_to,
+        "step_key": step.key,
+    }
+    return client.send(
+        TASK_EXECUTE_PLAN, [serialize_value(step_args), dict(recon_job.to_dict())], labels
     )
-    return sent.task_id

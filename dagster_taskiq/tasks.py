@@ -1,9 +1,11 @@
-"""What a worker runs: the ``execute_plan`` task (one Dagster step).
+"""What a worker runs: ``execute_plan`` (one Dagster step), ``execute_job`` and ``resume_job``
+(a whole run, launched by :class:`~dagster_taskiq.launcher.TaskiqRunLauncher`).
 
-A task loads the step's instance and job in the worker's long-lived process (:func:`prepare_step`),
-then hands :meth:`PreparedStep.execute` to the worker's step runner: a forked child process on
-real workers (killable, crash-isolated, yet warm), inline in eager mode. Workers keep instances and
-loaded jobs between tasks, keyed by instance ref and code pointer, so no step re-imports code.
+A step task loads the step's instance and job in the worker's long-lived process
+(:func:`prepare_step`), then hands :meth:`PreparedStep.execute` to the worker's runner: a forked
+child process on real workers (killable, crash-isolated, yet warm), inline in eager mode. Workers
+keep instances and jobs between tasks, keyed by instance ref and code pointer, so no step
+re-imports code. Runs go the same way, in a child of their own.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dagster import DagsterInstance
+from dagster._cli.api import _execute_run_command_body, _resume_run_command_body
 from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.events import EngineEventData
 from dagster._core.execution.api import create_execution_plan, execute_plan_iterator
+from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.dagster_run import DagsterRun
-from dagster._grpc.types import ExecuteStepArgs
+from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs, ResumeRunArgs
 from dagster._serdes import deserialize_value, serialize_value
 from dagster._utils.error import serializable_error_info_from_exc_info
 from taskiq import AsyncBroker, Context, TaskiqDepends
 
-from dagster_taskiq.config import TASK_EXECUTE_PLAN
+from dagster_taskiq.config import TASK_EXECUTE_JOB, TASK_EXECUTE_PLAN, TASK_RESUME_JOB
 
 QUEUE_WAIT_MARKER = "taskiq_queue_wait"
 
@@ -40,17 +44,20 @@ StepOutcome = dict[str, Any]
 
 
 class StepRunner(Protocol):
-    """Runs a step function somewhere (inline, or in a child process) and returns its outcome."""
+    """Runs a task body somewhere (inline, or in a child process) and returns its outcome.
+    ``label`` says what it is (for the worker registry and logs)."""
 
-    def run(self, task_id: str, step: Callable[[], StepOutcome]) -> Awaitable[StepOutcome]: ...
+    def run(
+        self, task_id: str, body: Callable[[], StepOutcome], label: str
+    ) -> Awaitable[StepOutcome]: ...
 
 
 class InlineStepRunner:
     """Eager mode: the step runs in this (the orchestrating) process, on a thread of its own
     because Dagster runs its own event loop inside step execution."""
 
-    async def run(self, task_id: str, step: Callable[[], StepOutcome]) -> StepOutcome:
-        return await asyncio.to_thread(step)
+    async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str) -> StepOutcome:
+        return await asyncio.to_thread(body)
 
 
 class _LoadedCode:
@@ -62,12 +69,12 @@ class _LoadedCode:
         self.jobs: OrderedDict[str, ReconstructableJob] = OrderedDict()
         self.runs: OrderedDict[str, None] = OrderedDict()
 
-    def instance(self, args: ExecuteStepArgs) -> DagsterInstance:
-        if args.instance_ref is None:
-            raise ValueError("The step arrived without an instance ref.")
-        key = serialize_value(args.instance_ref)
+    def instance(self, ref: InstanceRef | None) -> DagsterInstance:
+        if ref is None:
+            raise ValueError("The task arrived without an instance ref.")
+        key = serialize_value(ref)
         if key not in self.instances:
-            instance = DagsterInstance.from_ref(args.instance_ref)
+            instance = DagsterInstance.from_ref(ref)
             # Storages and the compute log manager are built lazily: build them here, once,
             # rather than in every forked step.
             _ = instance.run_storage, instance.event_log_storage, instance.compute_log_manager
@@ -160,6 +167,10 @@ class PreparedStep:
                 run_config=run.run_config,
             ):
                 events.append(serialize_value(event))
+        except KeyboardInterrupt:
+            # Stopped by the worker (the run was cancelled): Dagster has already recorded the
+            # step's failure, which is among the events.
+            return {"events": events, "error": None, "crashed": False, "interrupted": True}
         except Exception:
             return error_outcome(events)
         return {"events": events, "error": None, "crashed": False}
@@ -167,7 +178,7 @@ class PreparedStep:
 
 def prepare_step(step_args: str, job_pointer: dict[str, Any], worker: str) -> PreparedStep:
     args = deserialize_value(step_args, ExecuteStepArgs)
-    instance = LOADED.instance(args)
+    instance = LOADED.instance(args.instance_ref)
     LOADED.warm_run(instance, args.run_id)
     run = instance.get_run_by_id(args.run_id)
     if run is None:
@@ -193,8 +204,52 @@ async def execute_plan(
         step = prepare_step(step_args, job_pointer, worker)
     except Exception:
         return error_outcome()
-    return await runner.run(context.message.task_id, step.execute)
+    keys = ", ".join(step.args.step_keys_to_execute or [])
+    return await runner.run(context.message.task_id, step.execute, f"step {keys} of run "
+                            f"{step.args.run_id}")
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A whole run (``dagster api execute_run``'s body), for the run launcher's tasks."""
+
+    run_id: str
+    instance: DagsterInstance
+    resume: bool
+
+    def execute(self) -> StepOutcome:
+        body = _resume_run_command_body if self.resume else _execute_run_command_body
+        try:
+            exit_code = body(self.run_id, self.instance, lambda _event: None, True)
+        except BaseException:
+            return error_outcome()
+        return {"events": [], "error": None, "crashed": False, "exit_code": exit_code}
+
+
+async def _run_task(run_args: str, resume: bool, context: Context) -> StepOutcome:
+    runner: StepRunner = context.state.step_runner
+    try:
+        args = deserialize_value(run_args, (ExecuteRunArgs, ResumeRunArgs))
+        instance = LOADED.instance(args.instance_ref) if args.instance_ref else \
+            DagsterInstance.get()
+        run = PreparedRun(args.run_id, instance, resume)
+    except Exception:
+        return error_outcome()
+    verb = "resume" if resume else "run"
+    return await runner.run(context.message.task_id, run.execute, f"{verb} {args.run_id}")
+
+
+async def execute_job(run_args: str, context: Context = TaskiqDepends()) -> StepOutcome:
+    """The ``execute_job`` task: a whole run, launched by the run launcher."""
+    return await _run_task(run_args, False, context)
+
+
+async def resume_job(run_args: str, context: Context = TaskiqDepends()) -> StepOutcome:
+    """The ``resume_job`` task: resume a run whose run worker died."""
+    return await _run_task(run_args, True, context)
 
 
 def register_tasks(broker: AsyncBroker) -> None:
     broker.register_task(execute_plan, task_name=TASK_EXECUTE_PLAN)
+    broker.register_task(execute_job, task_name=TASK_EXECUTE_JOB)
+    broker.register_task(resume_job, task_name=TASK_RESUME_JOB)

@@ -1,10 +1,12 @@
-"""The worker process: consume queues, run each step in a forked child, keep leases alive.
+"""The worker process: consume queues, run each task in a forked child, keep leases alive.
 
-One worker process holds the broker connection, the heartbeat and the loaded code (instances and
-jobs per code pointer). Each step runs in a child forked from that warm process: it starts in
-milliseconds with user code already imported, a crash (``os._exit``, a signal, the OOM killer)
-only ends the child, and a cancelled step is stopped by killing it. ``concurrency`` is how many
-children may run at once.
+One worker process holds the broker connections, the heartbeats and the loaded code (instances
+and jobs per code pointer). Each step and each run executes in a child forked from that warm
+process: it starts in milliseconds with user code already imported, a crash (``os._exit``, a
+signal, the OOM killer) only ends the child, and a cancelled task is stopped by killing it.
+
+Steps and runs have separate pools of ``concurrency`` slots each, so a run launched onto a worker
+never starves the steps it submits (no deadlock even with a single worker of concurrency 1).
 """
 
 from __future__ import annotations
@@ -26,33 +28,43 @@ from dataclasses import dataclass, field
 from dagster._serdes import serialize_value
 from dagster._utils.error import SerializableErrorInfo
 from taskiq.acks import AcknowledgeType
+from taskiq.exceptions import NoResultError
 from taskiq.receiver import Receiver
 
 from dagster_taskiq.app import make_app
-from dagster_taskiq.broker import RedisLeaseBroker
+from dagster_taskiq.broker import REDIS_ERRORS, RUN, STEP, Backoff, RedisLeaseBroker
 from dagster_taskiq.config import DEFAULT_QUEUE, BrokerSettings, mask_url
+from dagster_taskiq.registry import WorkerInfo, publish, remove
 from dagster_taskiq.tasks import StepOutcome, error_outcome
 
 logger = logging.getLogger("dagster_taskiq.worker")
 
-KILL_GRACE_SECONDS = 5.0
+KILL_GRACE_SECONDS = 5.0  # SIGINT first (Dagster records the interruption), then SIGKILL
 
 
-class ForkStepRunner:
-    """Runs each step in a child process forked from this (warm) worker process."""
+@dataclass
+class _Child:
+    pid: int
+    label: str
+    started: float = field(default_factory=time.time)
+    released: bool = False
+
+
+class ChildProcessRunner:
+    """Runs each task body in a child process forked from this (warm) worker process."""
 
     def __init__(self) -> None:
-        self._children: dict[str, int] = {}  # task id -> child pid
+        self._children: dict[str, _Child] = {}  # task id -> child
 
-    async def run(self, task_id: str, step: Callable[[], StepOutcome]) -> StepOutcome:
+    async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str) -> StepOutcome:
         read_fd, write_fd = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the child: run the step, write its outcome, leave without cleanup
+        if pid == 0:  # the child: run the body, write its outcome, leave without cleanup
             os.close(read_fd)
-            _child_main(step, write_fd)
+            _child_main(body, write_fd)
         os.close(write_fd)
-        self._children[task_id] = pid
-        started = time.monotonic()
+        child = self._children[task_id] = _Child(pid, label)
+        logger.info("Task %s: %s (child %d).", task_id, label, pid)
         try:
             data = await _read_all(read_fd)
             status = await _wait_exit(pid)
@@ -60,46 +72,64 @@ class ForkStepRunner:
             self._children.pop(task_id, None)
         exit_code = os.waitstatus_to_exitcode(status)
         logger.info("Task %s finished in %.3f s (child %d, exit %d).",
-                    task_id, time.monotonic() - started, pid, exit_code)
+                    task_id, time.time() - child.started, pid, exit_code)
+        if child.released:
+            raise NoResultError  # handed back to the queue: another worker will answer
         if data:
             with contextlib.suppress(ValueError):
                 return json.loads(data)
         return _crash_outcome(pid, exit_code)
 
-    def kill(self, task_id: str) -> None:
-        """Stop a running step: SIGTERM its process group, SIGKILL after a grace period."""
-        pid = self._children.get(task_id)
-        if pid is None:
+    def kill(self, task_id: str, grace: float = KILL_GRACE_SECONDS) -> None:
+        """Stop a running task: SIGINT its process group, SIGKILL after ``grace`` seconds."""
+        child = self._children.get(task_id)
+        if child is None:
             return
-        logger.warning("Stopping task %s (child %d).", task_id, pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        asyncio.get_running_loop().call_later(KILL_GRACE_SECONDS, self._force_kill, task_id, pid)
+        logger.warning("Stopping task %s (%s, child %d).", task_id, child.label, child.pid)
+        if grace <= 0:
+            self._signal(child.pid, signal.SIGKILL)
+            return
+        self._signal(child.pid, signal.SIGINT)
+        asyncio.get_running_loop().call_later(grace, self._force_kill, task_id, child.pid)
+
+    def release(self, task_id: str) -> None:
+        """Kill the task at once and give no result (its message goes back to the queue)."""
+        child = self._children.get(task_id)
+        if child is not None:
+            child.released = True
+            self.kill(task_id, grace=0)
 
     def _force_kill(self, task_id: str, pid: int) -> None:
-        if self._children.get(task_id) == pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+        child = self._children.get(task_id)
+        if child is not None and child.pid == pid:
+            self._signal(pid, signal.SIGKILL)
 
-    def kill_all(self) -> None:
-        for task_id in list(self._children):
-            self.kill(task_id)
+    @staticmethod
+    def _signal(pid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
 
     @property
-    def running(self) -> int:
-        return len(self._children)
+    def task_ids(self) -> list[str]:
+        return list(self._children)
+
+    def describe(self) -> list[dict[str, object]]:
+        return [
+            {"task_id": task_id, "what": child.label, "pid": child.pid, "started": child.started}
+            for task_id, child in self._children.items()
+        ]
 
 
-def _child_main(step: Callable[[], StepOutcome], write_fd: int) -> None:
+def _child_main(body: Callable[[], StepOutcome], write_fd: int) -> None:
     # Undo what the parent's event loop installed: signals must not reach the parent's loop.
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
-    os.setpgid(0, 0)  # own process group, so a kill also reaches what the step started
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.setpgid(0, 0)  # own process group, so a kill also reaches what the task started
     code = 0
     try:
         try:
-            outcome = step()
+            outcome = body()
         except BaseException:
             outcome = error_outcome()
         payload = json.dumps(outcome).encode()
@@ -142,9 +172,9 @@ def _crash_outcome(pid: int, exit_code: int) -> StepOutcome:
     how = (f"was killed by signal {-exit_code} ({signal.Signals(-exit_code).name})"
            if exit_code < 0 else f"exited with code {exit_code}")
     error = SerializableErrorInfo(
-        message=f"The step's process (pid {pid}) {how} before reporting a result.",
+        message=f"The task's process (pid {pid}) {how} before reporting a result.",
         stack=[],
-        cls_name="StepProcessCrashed",
+        cls_name="TaskProcessCrashed",
     )
     return {"events": [], "error": serialize_value(error), "crashed": True,
             "exit_code": exit_code}
@@ -157,55 +187,104 @@ class WorkerOptions:
     concurrency: int = 1
     name: str = field(default_factory=lambda: f"dagster-{uuid.uuid4().hex[:6]}")
     includes: Sequence[str] = ()
+    shutdown_timeout: float = 30.0
 
 
-async def run_worker(options: WorkerOptions, ready: Callable[[], None] | None = None) -> None:
-    """Serve ``options.queues`` until SIGTERM/SIGINT; then finish running steps and stop.
-    A second signal stops the running steps too (their leases return them to the queue)."""
-    for module in options.includes:
-        importlib.import_module(module)
-    holder = f"{options.name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    broker = make_app(options.settings, queues=options.queues, holder=holder)
+def _consumer(options: WorkerOptions, worker_id: str, kind: str,
+              runner: ChildProcessRunner) -> RedisLeaseBroker:
+    broker = make_app(options.settings, queues=options.queues, holder=worker_id, kind=kind)
     assert isinstance(broker, RedisLeaseBroker), "workers need a Redis broker, not eager mode"
-    runner = ForkStepRunner()
     broker.is_worker_process = True
     broker.state.step_runner = runner
     broker.state.worker_name = options.name
     broker.on_cancel = runner.kill
-    broker.on_lost = runner.kill  # another worker has it now: never run a step twice
-    await broker.startup()
+    broker.on_lost = runner.release  # another worker has it now: never run a task twice
+    return broker
+
+
+async def run_worker(options: WorkerOptions) -> None:
+    """Serve ``options.queues`` until SIGTERM/SIGINT or ``worker terminate``; then take no new
+    tasks, let running ones finish for up to ``shutdown_timeout`` seconds, and hand whatever
+    still runs back to its queue. A second signal does that at once."""
+    for module in options.includes:
+        importlib.import_module(module)
+    host = socket.gethostname()
+    worker_id = f"{options.name}@{host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    runner = ChildProcessRunner()
+    consumers = [_consumer(options, worker_id, kind, runner) for kind in (STEP, RUN)]
+    for consumer in consumers:
+        await consumer.startup()
+    info = WorkerInfo(worker_id, options.name, host, os.getpid(), list(options.queues),
+                      options.concurrency, time.time())
 
     finish = asyncio.Event()
+    hurry = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
         if finish.is_set():
-            logger.warning("Second %s: stopping %d running step(s).", sig.name, runner.running)
-            runner.kill_all()
+            logger.warning("Second %s: handing %d running task(s) back to their queues.",
+                           sig.name, len(runner.task_ids))
+            hurry.set()
             return
-        logger.info("%s received: finishing %d running step(s), taking no new ones.",
-                    sig.name, runner.running)
+        logger.info("%s received: finishing %d running task(s), taking no new ones.",
+                    sig.name, len(runner.task_ids))
         finish.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    receiver = Receiver(
-        broker,
-        max_async_tasks=options.concurrency,
-        max_prefetch=0,
-        run_startup=False,
-        ack_type=AcknowledgeType.WHEN_SAVED,
-    )
+    registry = asyncio.create_task(_registry_loop(consumers[0], info, runner, finish))
+    receivers = [
+        Receiver(consumer, max_async_tasks=options.concurrency, max_prefetch=0,
+                 run_startup=False, ack_type=AcknowledgeType.WHEN_SAVED)
+        for consumer in consumers
+    ]
     logger.info("Worker %s (pid %d) consuming %s with concurrency %d from %s.",
                 options.name, os.getpid(), list(options.queues), options.concurrency,
                 mask_url(options.settings.broker_url))
-    if ready is not None:
-        ready()
+    listening = [asyncio.create_task(receiver.listen(finish)) for receiver in receivers]
     try:
-        await receiver.listen(finish)
+        await finish.wait()
+        deadline = asyncio.create_task(asyncio.sleep(options.shutdown_timeout))
+        hurried = asyncio.create_task(hurry.wait())
+        await asyncio.wait([asyncio.gather(*listening), deadline, hurried],
+                           return_when=asyncio.FIRST_COMPLETED)
+        deadline.cancel()
+        hurried.cancel()
+        if runner.task_ids:
+            logger.warning("Handing %d unfinished task(s) back to their queues.",
+                           len(runner.task_ids))
+            for consumer in consumers:
+                for task_id in await consumer.release_held():
+                    runner.release(task_id)
+        await asyncio.gather(*listening, return_exceptions=True)
     finally:
+        registry.cancel()
+        await asyncio.gather(registry, return_exceptions=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await broker.shutdown()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await remove(consumers[0].redis, options.settings.key_prefix, worker_id)
+        for consumer in consumers:
+            await consumer.shutdown()
         logger.info("Worker %s stopped.", options.name)
+
+
+async def _registry_loop(broker: RedisLeaseBroker, info: WorkerInfo,
+                         runner: ChildProcessRunner, finish: asyncio.Event) -> None:
+    """Publish this worker in the registry every second; obey ``worker terminate``."""
+    backoff = Backoff()
+    while True:
+        info.tasks = runner.describe()
+        try:
+            if await publish(broker.redis, broker.settings.key_prefix, info) \
+                    and not finish.is_set():
+                logger.info("Asked to stop (worker terminate).")
+                finish.set()
+            backoff.reset()
+        except REDIS_ERRORS as exc:
+            logger.warning("Registry heartbeat failed (%s); retrying.", exc)
+            await backoff.wait()
+            continue
+        await asyncio.sleep(1.0)

@@ -4,13 +4,17 @@ Stock taskiq-redis brokers lose tasks (list/pubsub), re-run long tasks while the
 (streams), hoard messages and have no priority, so the executor brings its own. Layout in Redis,
 under ``<prefix>:``:
 
-- ``task:<id>``   hash: the message ``body``, its ``queue``, ``member``/``score`` (its place in the
-  queue), ``lease`` seconds, ``reply_to``, and while leased the ``holder`` and delivery ``token``.
-- ``queue:<q>``  sorted set of waiting tasks. Score ``-priority`` (higher priority pops first);
+- ``task:<id>``   hash: the message ``body``, ``zset``/``member``/``score`` (its place in its
+  queue), ``lease`` seconds, ``reply_to``, ``redeliver`` (how many deliveries it may get), and
+  while leased the ``holder`` and delivery ``token``.
+- ``queue:<q>``  sorted set of waiting steps. Score ``-priority`` (higher priority pops first);
   members ``<15-digit sequence>|<id>`` so equal scores pop in submission order (FIFO).
+  ``runs:<q>`` is the same for whole runs (``execute_job``/``resume_job``): a worker serves
+  runs from a separate pool of slots, so a run never starves its own steps.
 - ``leases``     sorted set of leased task ids scored by deadline (ms). Workers push deadlines
-  forward with heartbeats; an expired lease (its worker died) puts the task back in its queue.
-- ``wake:<q>``   list used only to wake blocked consumers (BLPOP) when work arrives.
+  forward with heartbeats. An expired lease (its worker died) puts a step back in its queue, up
+  to ``MAX_DELIVERIES``; a run, or a step out of deliveries, is dropped and its waiter told why.
+- ``wake:<q>``, ``wakeruns:<q>``  lists used only to wake blocked consumers (BLPOP).
 
 Every state change is one Lua script, so a task is always in exactly one place: queued, leased
 or gone (acknowledged). Messages are taskiq's JSON; nothing is pickled.
@@ -30,7 +34,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
-from dagster_taskiq.config import BROKER_URL_ENV, DEFAULT_QUEUE, BrokerSettings, mask_url
+from dagster_taskiq.config import (
+    BROKER_URL_ENV,
+    DEFAULT_QUEUE,
+    TASK_EXECUTE_JOB,
+    TASK_RESUME_JOB,
+    BrokerSettings,
+    mask_url,
+)
 
 logger = logging.getLogger("dagster_taskiq.broker")
 
@@ -42,12 +53,18 @@ REPLY_LABEL = "reply_to"
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
+RUN_TASKS = frozenset({TASK_EXECUTE_JOB, TASK_RESUME_JOB})
+STEP, RUN = "step", "run"
+MAX_DELIVERIES = 3  # a step whose worker keeps dying is failed rather than retried forever
+
+# KEYS: task, zset, wake, seq; ARGV: id, body, score, lease, reply_to, now_ms, deliveries
 _KICK = """
 local seq = redis.call('INCR', KEYS[4])
 local member = string.format('%015d|', seq) .. ARGV[1]
-redis.call('HSET', KEYS[1], 'body', ARGV[2], 'queue', ARGV[3], 'member', member,
-           'score', ARGV[4], 'lease', ARGV[5], 'reply_to', ARGV[6], 'enqueued_ms', ARGV[7])
-redis.call('ZADD', KEYS[2], ARGV[4], member)
+redis.call('HSET', KEYS[1], 'body', ARGV[2], 'zset', KEYS[2], 'wake', KEYS[3], 'member', member,
+           'score', ARGV[3], 'lease', ARGV[4], 'reply_to', ARGV[5], 'enqueued_ms', ARGV[6],
+           'redeliver', ARGV[7])
+redis.call('ZADD', KEYS[2], ARGV[3], member)
 redis.call('RPUSH', KEYS[3], '1')
 redis.call('LTRIM', KEYS[3], -100, -1)
 return seq
@@ -117,34 +134,71 @@ return 0
 """
 
 # A reply that tells the orchestrator a task will never produce a result.
-_REVOKED_REPLY = "cjson.encode({task_id = id, revoked = true, reason = reason})"
+# (``lost``: its worker died or left, as opposed to the orchestrator revoking it.)
+_REVOKED_REPLY = "cjson.encode({task_id = id, revoked = true, lost = lost, reason = reason})"
 
-# KEYS: leases; ARGV: now_ms, prefix, limit. Expired leases go back to their queue (same place),
-# except tasks cancelled while running: those are dropped and their waiter told so.
+# KEYS: leases; ARGV: now_ms, prefix, limit. Expired leases: a step with deliveries left goes
+# back to its queue (same place); anything else is dropped and its waiter told why.
 _REAP = f"""
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local requeued = {{}}
+local requeued, dropped = {{}}, {{}}
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
   local task = ARGV[2] .. ':task:' .. id
-  local f = redis.call('HMGET', task, 'queue', 'member', 'score', 'cancel', 'holder', 'reply_to')
+  local f = redis.call('HMGET', task, 'zset', 'member', 'score', 'cancel', 'holder', 'reply_to',
+                       'token', 'redeliver', 'wake', 'released')
   if f[1] then
-    if f[4] then
+    local used = tonumber(f[7] or '0') - tonumber(f[10] or '0')
+    if f[4] or used >= tonumber(f[8] or '0') then
       redis.call('DEL', task)
       if f[6] ~= '' then
-        local reason = 'cancelled; its worker ' .. (f[5] or '?') .. ' stopped heartbeating'
+        local reason = 'its worker ' .. (f[5] or '?') .. ' stopped heartbeating'
+        local lost = not f[4]
+        if f[4] then reason = 'it was cancelled and ' .. reason end
         redis.call('RPUSH', f[6], {_REVOKED_REPLY})
       end
+      table.insert(dropped, id)
     else
       redis.call('HDEL', task, 'holder')
       redis.call('HSET', task, 'lost_holder', f[5] or '')
-      redis.call('ZADD', ARGV[2] .. ':queue:' .. f[1], f[3], f[2])
-      redis.call('RPUSH', ARGV[2] .. ':wake:' .. f[1], '1')
+      redis.call('ZADD', f[1], f[3], f[2])
+      redis.call('RPUSH', f[9], '1')
       table.insert(requeued, id)
     end
   end
 end
-return requeued
+return {{requeued, dropped}}
+"""
+
+# KEYS: leases; ARGV: prefix, holder, then (id, token) pairs. A worker shutting down hands its
+# tasks back: steps to the front of their queue (this delivery does not count), runs are dropped
+# and their waiter told (a run that started cannot simply start again elsewhere).
+_RELEASE = f"""
+local released = {{}}
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  local task = ARGV[1] .. ':task:' .. id
+  local f = redis.call('HMGET', task, 'holder', 'token', 'zset', 'member', 'score', 'redeliver',
+                       'wake', 'reply_to')
+  if f[1] == ARGV[2] and f[2] == ARGV[i + 1] then
+    redis.call('ZREM', KEYS[1], id)
+    if tonumber(f[6]) > 1 then
+      redis.call('HDEL', task, 'holder')
+      redis.call('HINCRBY', task, 'released', 1)
+      redis.call('ZADD', f[3], f[5], f[4])
+      redis.call('RPUSH', f[7], '1')
+    else
+      redis.call('DEL', task)
+      if f[8] ~= '' then
+        local reason = 'its worker ' .. ARGV[2] .. ' shut down while running it'
+        local lost = true
+        redis.call('RPUSH', f[8], {_REVOKED_REPLY})
+      end
+    end
+    table.insert(released, id)
+  end
+end
+return released
 """
 
 # KEYS: leases; ARGV: prefix, ids... Returns one state per id: dropped | running | gone.
@@ -153,20 +207,21 @@ local states = {{}}
 for i = 2, #ARGV do
   local id = ARGV[i]
   local task = ARGV[1] .. ':task:' .. id
-  local f = redis.call('HMGET', task, 'queue', 'member', 'holder', 'reply_to')
+  local f = redis.call('HMGET', task, 'zset', 'member', 'holder', 'reply_to')
   if not f[1] then
     table.insert(states, 'gone')
   elseif not f[3] then
-    redis.call('ZREM', ARGV[1] .. ':queue:' .. f[1], f[2])
+    redis.call('ZREM', f[1], f[2])
     redis.call('DEL', task)
     if f[4] ~= '' then
       local reason = 'revoked while queued'
+      local lost = false
       redis.call('RPUSH', f[4], {_REVOKED_REPLY})
     end
     table.insert(states, 'dropped')
   else
     redis.call('HSET', task, 'cancel', '1')
-    table.insert(states, 'running')
+    table.insert(states, 'running:' .. f[3])
   end
 end
 return states
@@ -208,8 +263,9 @@ class RedisLeaseBroker(AsyncBroker):
     """A taskiq broker over Redis with queues, exact priority and heartbeat-driven leases.
 
     ``queues`` are the queues this process consumes (in the order given: on equal priority the
-    earlier queue wins); a client that only submits can leave the default. ``on_cancel`` is
-    called with a task id when the orchestrator asks to stop a task this process is running.
+    earlier queue wins) and ``kind`` whether it takes steps or runs; a client that only submits
+    can leave the defaults. ``on_cancel`` is called with a task id when the orchestrator asks to
+    stop a task this process runs, ``on_lost`` when its lease was lost to another worker.
     """
 
     def __init__(
@@ -219,11 +275,15 @@ class RedisLeaseBroker(AsyncBroker):
         holder: str = "client",
         block_seconds: float = 1.0,
         heartbeat_seconds: float | None = None,
+        kind: str = STEP,
     ) -> None:
         super().__init__()
         if not queues:
             raise ValueError("A consumer needs at least one queue.")
+        if kind not in (STEP, RUN):
+            raise ValueError(f"kind must be {STEP!r} or {RUN!r}")
         self.settings = settings
+        self.kind = kind
         self.queues = list(dict.fromkeys(queues))
         self.holder = holder
         self.block_seconds = block_seconds
@@ -240,6 +300,12 @@ class RedisLeaseBroker(AsyncBroker):
     def _key(self, *parts: str) -> str:
         return ":".join((self.settings.key_prefix, *parts))
 
+    def queue_key(self, queue: str, kind: str = STEP) -> str:
+        return self._key("queue" if kind == STEP else "runs", queue)
+
+    def _wake_key(self, queue: str, kind: str) -> str:
+        return self._key("wake" if kind == STEP else "wakeruns", queue)
+
     @property
     def redis(self) -> aioredis.Redis:
         if self._redis is None:
@@ -253,6 +319,7 @@ class RedisLeaseBroker(AsyncBroker):
                     "ack": _ACK,
                     "reap": _REAP,
                     "revoke": _REVOKE,
+                    "release": _RELEASE,
                 }.items()
             }
         return self._redis
@@ -296,28 +363,30 @@ class RedisLeaseBroker(AsyncBroker):
         queue = str(labels.get(QUEUE_LABEL) or DEFAULT_QUEUE)
         priority = int(labels.get(PRIORITY_LABEL, 0))
         lease = float(labels.get(LEASE_LABEL, 30.0))
+        kind = RUN if message.task_name in RUN_TASKS else STEP
         await self._run(
             "kick",
             [
                 self._key("task", message.task_id),
-                self._key("queue", queue),
-                self._key("wake", queue),
+                self.queue_key(queue, kind),
+                self._wake_key(queue, kind),
                 self._key("seq"),
             ],
             [
                 message.task_id,
                 message.message,
-                queue,
                 -priority,
                 lease,
                 str(labels.get(REPLY_LABEL) or ""),
                 _now_ms(),
+                MAX_DELIVERIES if kind == STEP else 1,
             ],
         )
 
     async def revoke(self, task_ids: Sequence[str]) -> dict[str, str]:
         """Drop queued tasks (their waiters get a 'revoked' reply) and flag running ones for
-        cancellation (their worker kills them). Returns dropped | running | gone per id."""
+        cancellation (their worker stops them). Returns per id ``dropped``, ``gone`` or
+        ``running:<holder>``."""
         if not task_ids:
             return {}
         states = await self._run(
@@ -326,16 +395,19 @@ class RedisLeaseBroker(AsyncBroker):
         return {tid: state.decode() for tid, state in zip(task_ids, states, strict=True)}
 
     async def reap(self, limit: int = 100) -> list[str]:
-        """Put tasks whose lease expired (their worker stopped heartbeating) back in their queue."""
+        """Handle tasks whose lease expired (their worker stopped heartbeating): requeue steps
+        that have deliveries left, drop the rest. Returns the requeued ids."""
         self._last_reap = time.monotonic()
-        ids = await self._run(
+        requeued, dropped = await self._run(
             "reap", [self._key("leases")], [_now_ms(), self.settings.key_prefix, limit]
         )
-        requeued = [i.decode() for i in ids]
+        requeued = [i.decode() for i in requeued]
         if requeued:
-            logger.warning(
-                "Requeued %d task(s) whose worker stopped heartbeating: %s", len(requeued), requeued
-            )
+            logger.warning("Requeued %d task(s) whose worker stopped heartbeating: %s",
+                           len(requeued), requeued)
+        if dropped:
+            logger.warning("Dropped %d task(s) whose worker stopped heartbeating: %s",
+                           len(dropped), [i.decode() for i in dropped])
         return requeued
 
     async def reap_if_due(self, every: float = 1.0) -> None:
@@ -344,8 +416,8 @@ class RedisLeaseBroker(AsyncBroker):
 
     # -- receiving --------------------------------------------------------------------------
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
-        queue_keys = [self._key("queue", q) for q in self.queues]
-        wake_keys = [self._key("wake", q) for q in self.queues]
+        queue_keys = [self.queue_key(q, self.kind) for q in self.queues]
+        wake_keys = [self._wake_key(q, self.kind) for q in self.queues]
         backoff = Backoff()
         this_task = asyncio.current_task()
         while not self._closing:
@@ -374,6 +446,19 @@ class RedisLeaseBroker(AsyncBroker):
             task_id, body, token = claimed[0].decode(), claimed[1], int(claimed[2])
             self._held[task_id] = token
             yield AckableMessage(data=body, ack=partial(self._ack, task_id, token))
+
+    async def release_held(self) -> list[str]:
+        """Hand every task we hold back (see ``_RELEASE``); returns their ids."""
+        held = dict(self._held)
+        if not held:
+            return []
+        args: list[Any] = [self.settings.key_prefix, self.holder]
+        for task_id, token in held.items():
+            args += [task_id, token]
+        released = [i.decode() for i in await self._run("release", [self._key("leases")], args)]
+        for task_id in released:
+            self._held.pop(task_id, None)
+        return released
 
     async def _ack(self, task_id: str, token: int) -> None:
         backoff = Backoff()
@@ -435,9 +520,15 @@ class RedisLeaseBroker(AsyncBroker):
                     self.on_cancel(task_id)
 
     # -- inspection (CLI, tests) ------------------------------------------------------------
-    async def queued_task_ids(self, queue: str) -> list[str]:
-        members = await self.redis.zrange(self._key("queue", queue), 0, -1)
+    async def queued_task_ids(self, queue: str, kind: str = STEP) -> list[str]:
+        members = await self.redis.zrange(self.queue_key(queue, kind), 0, -1)
         return [m.decode().split("|", 1)[1] for m in members]
+
+    async def task_state(self, task_id: str) -> dict[str, str]:
+        """The task's broker record: empty once acknowledged or dropped; ``holder`` while
+        leased; no ``holder`` while queued."""
+        raw = await self.redis.hgetall(self._key("task", task_id))
+        return {k.decode(): v.decode() for k, v in raw.items() if k != b"body"}
 
     async def leased_task_ids(self) -> list[str]:
         return [m.decode() for m in await self.redis.zrange(self._key("leases"), 0, -1)]

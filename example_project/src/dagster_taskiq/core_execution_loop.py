@@ -3,18 +3,18 @@
 It mirrors dagster-celery's loop (markers, revoke on interrupt, retries, the storage invariant,
 ``DagsterSubprocessError`` for worker errors) without its 1 s polling tick: results are pushed
 to one reply list per run and the loop wakes on a single blocking read the moment any arrives.
+Beyond celery, no lost task hangs a run: a step whose worker died comes back as a failure naming
+the worker (so retry policies apply), and a step on a queue nobody serves is reported at once
+and, with ``queue_wait_timeout``, failed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 from dagster import DagsterInvariantViolationError
 from dagster import _check as check
@@ -28,10 +28,10 @@ from dagster._serdes import deserialize_value
 from dagster._utils import get_run_crash_explanation
 from dagster._utils.error import SerializableErrorInfo, serializable_error_info_from_exc_info
 
-from dagster_taskiq.app import make_app
-from dagster_taskiq.broker import BrokerUnavailable, RedisLeaseBroker
-from dagster_taskiq.config import mask_url
+from dagster_taskiq.broker import BrokerUnavailable
+from dagster_taskiq.client import TaskiqClient
 from dagster_taskiq.executor import TaskiqExecutor, submit_step
+from dagster_taskiq.registry import serves
 from dagster_taskiq.results import Reply
 from dagster_taskiq.tags import (
     DEFAULT_STEP_PRIORITY,
@@ -43,33 +43,11 @@ from dagster_taskiq.tags import (
 )
 from dagster_taskiq.tasks import QUEUE_WAIT_MARKER
 
-T = TypeVar("T")
-
-# How long one wait for results may block before the loop looks at interrupts and concurrency
-# slots again. Results themselves wake the loop at once.
+# How long one wait for results may block before the loop looks at interrupts, concurrency
+# slots and queue timeouts again. Results themselves wake the loop at once.
 WAIT_SECONDS = 0.5
-
-
-class _LoopThread:
-    """A private asyncio loop on its own thread, so the synchronous executor can await taskiq
-    calls whether or not the calling thread already runs a loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, daemon=True, name="dagster-taskiq-orchestrator"
-        )
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result()
-
-    def close(self) -> None:
-        self.run(self.loop.shutdown_asyncgens())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        self.loop.close()
+# How often the loop asks the registry which queues have live workers.
+WORKERS_REFRESH_SECONDS = 2.0
 
 
 def _step_queue(step: ExecutionStep, default_queue: str) -> str:
@@ -95,6 +73,40 @@ def _warn_on_priority_misuse(context: PlanOrchestrationContext, plan: ExecutionP
             '"dagster/priority" set which is not applicable for the taskiq engine: '
             f"{misused}. Consider using a function to set both keys."
         )
+
+
+class _QueueWatch:
+    """Which queues have live workers, and which steps waited too long on a queue."""
+
+    def __init__(self, client: TaskiqClient, timeout: float | None) -> None:
+        self.client, self.timeout = client, timeout
+        self._workers: list | None = None
+        self._fetched = 0.0
+        self.warned: set[str] = set()
+        self.submitted: dict[str, tuple[float, str]] = {}  # task id -> (time, queue)
+        self.timed_out: dict[str, str] = {}  # task id -> queue
+        self._checked = 0.0
+
+    def served(self, queue: str) -> bool:
+        if time.monotonic() - self._fetched > WORKERS_REFRESH_SECONDS:
+            self._workers = self.client.workers()
+            self._fetched = time.monotonic()
+        return self._workers is None or bool(serves(self._workers, queue))
+
+    def overdue(self) -> list[str]:
+        """Tasks queued longer than the timeout on a queue no live worker serves, and still not
+        taken: revoke these. (Busy workers are not a reason to fail anything.)"""
+        now = time.monotonic()
+        if self.timeout is None or now - self._checked < 1.0:
+            return []
+        self._checked = now
+        old = [tid for tid, (at, queue) in self.submitted.items()
+               if now - at > self.timeout and tid not in self.timed_out
+               and not self.served(queue)]
+        waiting = self.client.still_queued(old)
+        for task_id in waiting:
+            self.timed_out[task_id] = self.submitted[task_id][1]
+        return waiting
 
 
 def core_taskiq_execution_loop(
@@ -127,17 +139,18 @@ def core_taskiq_execution_loop(
     _warn_on_priority_misuse(plan_context, execution_plan)
 
     settings = executor.settings
-    runner = _LoopThread()
-    broker = make_app(settings)
+    client = TaskiqClient(settings)
     reply_to = f"{settings.key_prefix}:reply:{run.run_id}:{uuid.uuid4().hex}"
+    watch = _QueueWatch(client, executor.queue_wait_timeout)
     in_flight: dict[str, str] = {}  # task id -> step key
     step_errors: dict[str, SerializableErrorInfo] = {}
     stopping = False
     try:
-        try:
-            runner.run(broker.startup())
-        except BrokerUnavailable as exc:
-            raise DagsterInvariantViolationError(str(exc)) from None
+        client.start()
+    except BrokerUnavailable as exc:
+        client.close()
+        raise DagsterInvariantViolationError(str(exc)) from None
+    try:
 
         with (
             InstanceConcurrencyContext(plan_context.instance, run) as concurrency,
@@ -159,29 +172,26 @@ def core_taskiq_execution_loop(
                     )
                     stopping = True
                     active_execution.mark_interrupted()
-                    if isinstance(broker, RedisLeaseBroker):
-                        runner.run(broker.revoke(list(in_flight)))
+                    client.revoke(list(in_flight))
 
                 if not stopping and not step_errors:
                     for step in active_execution.get_steps_to_execute():
-                        key = step.key
+                        key, queue = step.key, queue_of[step.key]
+                        step_context = plan_context.for_step(step)
                         yield DagsterEvent.engine_event(
-                            plan_context.for_step(step),
-                            f'Submitting taskiq task for step "{key}" to queue "{queue_of[key]}".',
+                            step_context,
+                            f'Submitting taskiq task for step "{key}" to queue "{queue}".',
                             EngineEventData(marker_start=QUEUE_WAIT_MARKER),
                         )
+                        if queue not in watch.warned and not watch.served(queue):
+                            watch.warned.add(queue)
+                            yield _no_worker_warning(step_context, key, queue,
+                                                     executor.queue_wait_timeout)
                         try:
-                            task_id = runner.run(
-                                submit_step(
-                                    broker,
-                                    plan_context,
-                                    step,
-                                    queue_of[key],
-                                    priority[key],
-                                    active_execution.get_known_state(),
-                                    reply_to,
-                                    executor.worker_heartbeat_timeout,
-                                )
+                            task_id = submit_step(
+                                client, plan_context, step, queue, priority[key],
+                                active_execution.get_known_state(), reply_to,
+                                executor.worker_heartbeat_timeout,
                             )
                         except Exception:
                             yield DagsterEvent.engine_event(
@@ -193,10 +203,12 @@ def core_taskiq_execution_loop(
                             )
                             raise
                         in_flight[task_id] = key
+                        watch.submitted[task_id] = (time.monotonic(), queue)
                     yield from active_execution.concurrency_event_iterator(plan_context)
 
                 if in_flight:
-                    replies = runner.run(_wait(broker, reply_to))
+                    client.revoke(watch.overdue())
+                    replies = client.wait(reply_to, WAIT_SECONDS)
                 else:
                     # Nothing could be submitted (steps wait for concurrency slots): look again
                     # shortly.
@@ -207,26 +219,27 @@ def core_taskiq_execution_loop(
                     key = in_flight.pop(reply.task_id, None)
                     if key is None:
                         continue  # a duplicate (redelivered task) or not ours
+                    watch.submitted.pop(reply.task_id, None)
+                    timed_out_on = watch.timed_out.pop(reply.task_id, None)
                     yield from _handle_reply(
-                        plan_context, executor, active_execution, key, reply, step_errors
+                        plan_context, executor, active_execution, key, reply, step_errors,
+                        timed_out_on,
                     )
                     active_execution.verify_complete(plan_context, key)
 
                 yield from active_execution.plan_events_iterator(plan_context)
-
     finally:
-        if in_flight and isinstance(broker, RedisLeaseBroker):
-            # Leaving early (an error here): do not leave orphaned work on the queues.
-            try:
-                runner.run(broker.revoke(list(in_flight)))
-            except Exception:
-                plan_context.log.warning(
-                    f"Could not revoke {len(in_flight)} task(s) at {mask_url(settings.broker_url)}."
-                )
         try:
-            runner.run(_close(broker, reply_to))
+            if in_flight:
+                # Leaving early (an error here): leave no orphaned work on the queues.
+                client.revoke(list(in_flight), patience=5)
+            client.discard(reply_to)
+        except Exception:
+            plan_context.log.warning(
+                f"Could not clean up {len(in_flight)} task(s) at {client.describe()}."
+            )
         finally:
-            runner.close()
+            client.close()
 
     if step_errors:
         raise DagsterSubprocessError(
@@ -236,17 +249,13 @@ def core_taskiq_execution_loop(
         )
 
 
-async def _wait(broker: Any, reply_to: str) -> list[Reply]:
-    if isinstance(broker, RedisLeaseBroker):
-        await broker.reap_if_due()
-    return await broker.result_backend.wait_replies(reply_to, WAIT_SECONDS)
-
-
-async def _close(broker: Any, reply_to: str) -> None:
-    try:
-        await broker.result_backend.discard_replies(reply_to)
-    finally:
-        await broker.shutdown()
+def _no_worker_warning(step_context: Any, key: str, queue: str, timeout: float | None):
+    then = (f"it fails if none takes it within {timeout:g} s (queue_wait_timeout)" if timeout
+            else "it waits until one starts (set queue_wait_timeout to fail instead)")
+    message = (f'No live taskiq worker listens on queue "{queue}": step "{key}" is queued and '
+               f"{then}. Start one with: dagster-taskiq worker start -q {queue}")
+    step_context.log.warning(message)
+    return DagsterEvent.engine_event(step_context, message, EngineEventData())
 
 
 def _handle_reply(
@@ -256,14 +265,25 @@ def _handle_reply(
     key: str,
     reply: Reply,
     step_errors: dict[str, SerializableErrorInfo],
+    timed_out_on: str | None = None,
 ) -> Iterator[DagsterEvent]:
     step_context = plan_context.for_step(active_execution.get_step_by_key(key))
-    if reply.result is None:
+    if reply.result is None and timed_out_on is None and not reply.lost:
         yield DagsterEvent.engine_event(
             step_context,
             f'taskiq task for running step "{key}" was revoked.',
             EngineEventData(marker_end=QUEUE_WAIT_MARKER),
         )
+        return
+    if reply.result is None:
+        # The step will never report: its worker died, or no worker took it in time. Fail it
+        # like a crash, so retry policies apply and the run goes on.
+        if timed_out_on is not None:
+            message = (f'Step "{key}" waited more than {executor.queue_wait_timeout:g} s on '
+                       f'queue "{timed_out_on}" and no taskiq worker took it.')
+        else:
+            message = f'Step "{key}" was lost: {reply.revoked_reason}.'
+        yield from _fail_step(executor, step_context, active_execution, message, None)
         return
     if reply.result.is_err:
         error = reply.result.error
@@ -283,12 +303,22 @@ def _handle_reply(
         step_errors[key] = error
         return
     # The step's process died: fail the step (retry policies apply), keep the run going.
+    message = get_run_crash_explanation(
+        prefix=f'Taskiq worker process for step "{key}"', exit_code=outcome["exit_code"]
+    )
+    yield from _fail_step(executor, step_context, active_execution, message, error)
+
+
+def _fail_step(
+    executor: TaskiqExecutor,
+    step_context: Any,
+    active_execution: Any,
+    message: str,
+    error: SerializableErrorInfo | None,
+) -> Iterator[DagsterEvent]:
+    error = error or SerializableErrorInfo(message=message, stack=[], cls_name=None)
     yield DagsterEvent.engine_event(
-        step_context,
-        get_run_crash_explanation(
-            prefix=f'Taskiq worker process for step "{key}"', exit_code=outcome["exit_code"]
-        ),
-        EngineEventData.engine_error(error),
+        step_context, message, EngineEventData.engine_error(error)
     )
     failure = executor.log_failure_or_retry_event_after_error(
         step_context, error, active_execution.get_known_state()

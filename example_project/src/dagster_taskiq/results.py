@@ -30,12 +30,14 @@ class Reply:
     task_id: str
     result: TaskiqResult[Any] | None
     revoked_reason: str | None = None
+    lost: bool = False  # its worker died or left (not revoked by the orchestrator)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Reply:
         data = json.loads(raw)
         if data.get("revoked"):
-            return cls(data["task_id"], None, str(data.get("reason") or "revoked"))
+            reason = str(data.get("reason") or "revoked")
+            return cls(data["task_id"], None, reason, bool(data.get("lost")))
         return cls(data["task_id"], TaskiqResult.model_validate(data["result"]))
 
 
