@@ -63,6 +63,7 @@ def start_worker(broker_url: str, dagster_home: Path, tmp_path: Path) -> Iterato
         concurrency: int = 1,
         name: str | None = None,
         args: Sequence[str] = (),
+        broker: str | None = None,
     ) -> WorkerProcess:
         name = name or f"worker{len(started)}"
         log = tmp_path / f"{name}.log"
@@ -71,7 +72,7 @@ def start_worker(broker_url: str, dagster_home: Path, tmp_path: Path) -> Iterato
             cmd += ["-q", queue]
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=worker_env(broker_url),
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=worker_env(broker or broker_url),
                 start_new_session=True,
             )
         worker = WorkerProcess(name, process, log)

@@ -12,7 +12,9 @@ import time
 from dagster import (
     EnvVar,
     Field,
+    In,
     Int,
+    Nothing,
     Out,
     Output,
     RetryRequested,
@@ -81,7 +83,8 @@ def resource_req_op(context):
     context.log.info("running")
 
 
-@op(config_schema={"seconds": Field(float, default_value=0.5)})
+@op(config_schema={"seconds": Field(float, default_value=0.5)},
+    ins={"start_after": In(Nothing)})
 def sleep_op(context) -> bool:
     time.sleep(context.op_config["seconds"])
     return True
@@ -260,3 +263,30 @@ def _s3_io_manager():
 def s3_job():
     value_one, value_two = emit_values()
     subtract(add_one(value_one), add_one.alias("renamed")(value_two))
+
+
+@op
+def crash_step():
+    os._exit(3)
+
+
+@job(executor_def=taskiq_executor)
+def crash_step_job():
+    crash_step()
+
+
+@op(tags={TASKIQ_QUEUE_TAG: "nobody"})
+def unserved(context) -> int:
+    return 1
+
+
+@job(executor_def=taskiq_executor)
+def unserved_queue_job():
+    unserved()
+
+
+@job(executor_def=taskiq_executor)
+def slow_chain_job():
+    value = sleep_op.alias("slow_0")()
+    for i in range(1, 3):
+        value = sleep_op.alias(f"slow_{i}")(start_after=value)

@@ -1,0 +1,105 @@
+"""Jobs for the run launcher tests (the shapes of dagster-celery's repo_runner, written anew)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from dagster import FilesystemIOManager, job, op
+
+from dagster_taskiq import taskiq_executor
+
+
+@op
+def noop_op():
+    pass
+
+
+@op
+def crashy_op():
+    os._exit(1)
+
+
+@op
+def exity_op():
+    sys.exit(1)
+
+
+@op
+def sleepy_op():
+    while True:
+        time.sleep(0.1)
+
+
+@op
+def return_one() -> int:
+    return 1
+
+
+@op
+def multiply_by_2(value: int) -> int:
+    return value * 2
+
+
+@op
+def multiply_by_3(value: int) -> int:
+    return value * 3
+
+
+@op
+def add(left: int, right: int) -> int:
+    return left + right
+
+
+@op
+def crash_once(context, value: int) -> int:
+    """Kills its whole process the first time (a run worker lost mid-run), then succeeds."""
+    marker = Path(context.instance.root_directory) / "crashed-once"
+    if not marker.exists():
+        marker.write_text("1")
+        os._exit(9)
+    return value + 1
+
+
+@job
+def noop_job():
+    noop_op()
+
+
+@job
+def crashy_job():
+    crashy_op()
+
+
+@job
+def exity_job():
+    exity_op()
+
+
+@job
+def sleepy_job():
+    sleepy_op()
+
+
+@job
+def math_diamond():
+    one = return_one()
+    add(multiply_by_2(one), multiply_by_3(one))
+
+
+@job
+def crash_once_job():
+    crash_once(return_one())
+
+
+@job(executor_def=taskiq_executor, resource_defs={"io_manager": FilesystemIOManager()})
+def taskiq_math_diamond():
+    one = return_one()
+    add(multiply_by_2(one), multiply_by_3(one))
+
+
+@job(executor_def=taskiq_executor, resource_defs={"io_manager": FilesystemIOManager()})
+def taskiq_sleepy_job():
+    sleepy_op()

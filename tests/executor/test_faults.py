@@ -1,0 +1,131 @@
+"""Faults: workers killed mid-step, steps that kill their process, queues nobody serves,
+Redis restarting mid-run, and password-protected Redis. No run may hang."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+
+from dagster import DagsterEventType, DagsterInstance
+
+from tests.conftest import start_redis, wait_for
+from tests.executor.conftest import execute_test_job, run_config
+
+
+def _run_in_thread(job_name: str, config: dict, out: list) -> threading.Thread:
+    def target():
+        with DagsterInstance.get() as instance, execute_test_job(job_name, instance,
+                                                                  config) as result:
+            out.append(result)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def _starts(instance: DagsterInstance, step_key: str) -> list[float]:
+    return [r.timestamp for run in instance.get_runs()
+            for r in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
+            if r.step_key == step_key]
+
+
+def test_worker_sigkilled_mid_step_step_runs_again_elsewhere(start_worker, instance, io_dir,
+                                                             broker_url):
+    victim = start_worker(name="victim")
+    config = run_config(io_dir, broker_url, worker_heartbeat_timeout=2.0)
+    config["ops"] = {"slow_0": {"config": {"seconds": 3.0}}}
+    out: list = []
+    thread = _run_in_thread("slow_chain_job", config, out)
+    wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
+    victim.kill()
+    killed = time.time()
+    start_worker(name="rescuer")
+    thread.join(90)
+    assert out and out[0].success
+    starts = _starts(instance, "slow_0")
+    assert len(starts) == 2, "the lost step ran again, once"
+    assert starts[1] - killed < 2 * 2.0 + 2, "redelivered within twice the heartbeat timeout"
+
+
+def test_step_that_kills_its_process_fails_cleanly(start_worker, instance, io_dir, broker_url):
+    worker = start_worker()
+    with execute_test_job("crash_step_job", instance, run_config(io_dir, broker_url)) as result:
+        assert not result.success
+        failure = result.failure_data_for_node("crash_step")
+        assert "exited with code 3" in failure.error.message
+    assert worker.process.poll() is None, "the worker lives on"
+    with execute_test_job("test_job", instance, run_config(io_dir, broker_url)) as result:
+        assert result.success
+
+
+def test_queue_with_no_worker_warns_then_fails(start_worker, instance, io_dir, broker_url):
+    start_worker()  # serves "dagster", not "nobody"
+    config = run_config(io_dir, broker_url, queue_wait_timeout=3.0)
+    started = time.monotonic()
+    with execute_test_job("unserved_queue_job", instance, config) as result:
+        assert not result.success
+        run_id = result.run_id
+    assert time.monotonic() - started < 20
+    messages = [r.dagster_event.message for r in instance.all_logs(run_id) if r.dagster_event]
+    assert any('No live taskiq worker listens on queue "nobody"' in (m or "") for m in messages)
+    assert any('waited more than 3 s on queue "nobody"' in (m or "") for m in messages)
+
+
+def test_queue_with_no_worker_waits_for_one_by_default(start_worker, instance, io_dir,
+                                                       broker_url):
+    start_worker()
+    out: list = []
+    thread = _run_in_thread("unserved_queue_job", run_config(io_dir, broker_url), out)
+    time.sleep(4)
+    assert not out, "without queue_wait_timeout the step waits (pools may scale from zero)"
+    start_worker(queues=["nobody"], name="late")
+    thread.join(60)
+    assert out and out[0].success
+
+
+def test_redis_restart_mid_run(start_worker, instance, io_dir, tmp_path):
+    """Redis (append-only) restarts while steps run: workers and orchestrator reconnect and the
+    run finishes."""
+    server = start_redis(tmp_path, None, "--appendonly", "yes")
+    try:
+        url = server.url()
+        start_worker(broker=url)
+        config = run_config(io_dir, url)
+        config["ops"] = {f"slow_{i}": {"config": {"seconds": 1.5}} for i in range(3)}
+        out: list = []
+        thread = _run_in_thread("slow_chain_job", config, out)
+        wait_for(lambda: _starts(instance, "slow_0"), 60, "the first step")
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(10)
+        time.sleep(1.0)
+        server.process = subprocess.Popen(
+            ["redis-server", "--port", str(server.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        thread.join(120)
+        assert out, "the run did not finish"
+        assert out[0].success
+    finally:
+        server.process.terminate()
+        server.process.wait(10)
+
+
+def test_password_protected_redis_never_shows_the_password(start_worker, instance, io_dir,
+                                                           tmp_path):
+    secret = "pa55-w0rd-xyz"
+    server = start_redis(tmp_path, secret)
+    try:
+        url = server.url()
+        worker = start_worker(broker=url)
+        with execute_test_job("test_serial_job", instance, run_config(io_dir, url)) as result:
+            assert result.success
+            run_id = result.run_id
+        text = "\n".join(str(r) for r in instance.all_logs(run_id))
+        assert secret not in text
+        assert secret not in worker.output()
+        assert "redis://:***@127.0.0.1" in worker.output()
+    finally:
+        server.process.terminate()
+        server.process.wait(10)
