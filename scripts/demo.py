@@ -104,7 +104,8 @@ def run_jobs(work: Path) -> int:
                 if message.startswith("Submitting taskiq task"):
                     queue[record.step_key] = message.rsplit('"', 2)[-2]
                 elif "in taskiq worker" in message:
-                    worker[record.step_key] = event.engine_event_data.metadata["taskiq worker"].value
+                    metadata = event.engine_event_data.metadata
+                    worker[record.step_key] = metadata["taskiq worker"].value
                 elif event.event_type == DagsterEventType.STEP_START:
                     start[record.step_key] = record.timestamp
                 elif event.event_type == DagsterEventType.STEP_SUCCESS:
