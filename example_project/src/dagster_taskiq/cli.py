@@ -126,7 +126,7 @@ def settings_from_yaml(path: str | None) -> tuple[BrokerSettings, list[str]]:
         )
     except DagsterInvalidConfigError as exc:
         raise CliError(f"{path or 'configuration'}: {exc}", EXIT_CONFIG) from None
-    except TypeError as exc:  # a config_source value of the wrong kind
+    except (TypeError, ValueError) as exc:  # a config_source value of the wrong kind
         raise CliError(f"{path}: config_source: {exc}", EXIT_CONFIG) from None
     return settings, list(config.get("include") or [])
 
@@ -176,7 +176,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 
 def echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True))
+    click.echo(json.dumps(value, indent=2))  # insertion order: priorities highest first
 
 
 def _age(seconds: float) -> str:
