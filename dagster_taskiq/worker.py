@@ -55,6 +55,7 @@ class ChildProcessRunner:
 
     def __init__(self) -> None:
         self._children: dict[str, _Child] = {}  # task id -> child
+        self._reaping: set[asyncio.Task[int]] = set()
 
     async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str) -> StepOutcome:
         read_fd, write_fd = os.pipe()
@@ -67,17 +68,22 @@ class ChildProcessRunner:
         logger.info("Task %s: %s (child %d).", task_id, label, pid)
         try:
             data = await _read_all(read_fd)
-            status = await _wait_exit(pid)
+            outcome = _parse(data)
+            if outcome is not None and not child.released:
+                # The child closed its pipe after writing: answer now, reap it in the
+                # background (its exit, unmapping a large process, takes milliseconds).
+                self._reaping.add(asyncio.create_task(_wait_exit(pid)))
+                self._reaping = {t for t in self._reaping if not t.done()}
+                logger.info("Task %s finished in %.3f s (child %d).",
+                            task_id, time.time() - child.started, pid)
+                return outcome
+            exit_code = os.waitstatus_to_exitcode(await _wait_exit(pid))
         finally:
             self._children.pop(task_id, None)
-        exit_code = os.waitstatus_to_exitcode(status)
-        logger.info("Task %s finished in %.3f s (child %d, exit %d).",
+        logger.info("Task %s ended in %.3f s (child %d, exit %d).",
                     task_id, time.time() - child.started, pid, exit_code)
         if child.released:
             raise NoResultError  # handed back to the queue: another worker will answer
-        if data:
-            with contextlib.suppress(ValueError):
-                return json.loads(data)
         return _crash_outcome(pid, exit_code)
 
     def kill(self, task_id: str, grace: float = KILL_GRACE_SECONDS) -> None:
@@ -136,6 +142,7 @@ def _child_main(body: Callable[[], StepOutcome], write_fd: int) -> None:
         view = memoryview(payload)
         while view:
             view = view[os.write(write_fd, view):]
+        os.close(write_fd)  # EOF for the parent now, not after this process is torn down
     except BaseException:
         code = 70
     finally:
@@ -156,6 +163,15 @@ async def _read_all(fd: int) -> bytes:
         return await reader.read()
     finally:
         transport.close()
+
+
+def _parse(data: bytes) -> StepOutcome | None:
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
 
 
 async def _wait_exit(pid: int) -> int:
@@ -234,6 +250,8 @@ async def run_worker(options: WorkerOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
+    # Registered before listening, so whoever sees it listening also finds it in the registry.
+    await publish(consumers[0].redis, options.settings.key_prefix, info)
     registry = asyncio.create_task(_registry_loop(consumers[0], info, runner, finish))
     receivers = [
         Receiver(consumer, max_async_tasks=options.concurrency, max_prefetch=0,

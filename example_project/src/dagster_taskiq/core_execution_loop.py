@@ -267,10 +267,12 @@ def _handle_reply(
     step_errors: dict[str, SerializableErrorInfo],
     timed_out_on: str | None = None,
 ) -> Iterator[DagsterEvent]:
-    step_context = plan_context.for_step(active_execution.get_step_by_key(key))
+    def step_context() -> Any:
+        return plan_context.for_step(active_execution.get_step_by_key(key))
+
     if reply.result is None and timed_out_on is None and not reply.lost:
         yield DagsterEvent.engine_event(
-            step_context,
+            step_context(),
             f'taskiq task for running step "{key}" was revoked.',
             EngineEventData(marker_end=QUEUE_WAIT_MARKER),
         )
@@ -283,7 +285,7 @@ def _handle_reply(
                        f'queue "{timed_out_on}" and no taskiq worker took it.')
         else:
             message = f'Step "{key}" was lost: {reply.revoked_reason}.'
-        yield from _fail_step(executor, step_context, active_execution, message, None)
+        yield from _fail_step(executor, step_context(), active_execution, message, None)
         return
     if reply.result.is_err:
         error = reply.result.error
@@ -306,7 +308,7 @@ def _handle_reply(
     message = get_run_crash_explanation(
         prefix=f'Taskiq worker process for step "{key}"', exit_code=outcome["exit_code"]
     )
-    yield from _fail_step(executor, step_context, active_execution, message, error)
+    yield from _fail_step(executor, step_context(), active_execution, message, error)
 
 
 def _fail_step(

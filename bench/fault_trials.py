@@ -1,0 +1,141 @@
+"""SIGKILL trials: kill the worker running a step, N times; count hung runs, time the recovery.
+
+Each trial runs ``slow_chain_job`` (tests/executor/repo.py: three sleeping steps) through the
+taskiq executor, SIGKILLs the worker (and its step process) while the first step runs, starts a
+fresh worker, and records how long until the lost step starts again on it, and whether the run
+finished successfully within ``--deadline`` seconds (otherwise it counts as hung).
+
+    uv run python bench/fault_trials.py --trials 20 --heartbeat-timeout 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import start_redis, wait_for  # noqa: E402
+
+REPO_FILE = str(ROOT / "tests" / "executor" / "repo.py")
+CLI = str(Path(sys.executable).parent / "dagster-taskiq")
+
+
+def start_worker(name: str, env: dict[str, str], logs: Path) -> subprocess.Popen:
+    log = logs / f"{name}.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([CLI, "worker", "start", "-n", name], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    wait_for(lambda: "Listening started" in log.read_text(), 60, f"worker {name}")
+    return process
+
+
+def stop(process: subprocess.Popen, sig: signal.Signals = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def trial(index: int, broker: str, env: dict[str, str], work: Path, heartbeat: float,
+          deadline: float) -> dict:
+    from dagster import DagsterEventType, DagsterInstance, execute_job
+    from dagster._core.definitions.reconstruct import ReconstructableJob
+
+    victim = start_worker(f"victim{index}", env, work)
+    config = {
+        "execution": {"config": {"broker": broker, "worker_heartbeat_timeout": heartbeat}},
+        "resources": {"io_manager": {"config": {"base_dir": str(work / "io")}}},
+        "ops": {"slow_0": {"config": {"seconds": 3.0}}},
+        "loggers": {"console": {"config": {"log_level": "ERROR"}}},
+    }
+    outcome: dict = {}
+
+    def run() -> None:
+        with DagsterInstance.get() as instance, execute_job(
+            ReconstructableJob.for_file(REPO_FILE, "slow_chain_job"), instance=instance,
+            run_config=config,
+        ) as result:
+            outcome["success"] = result.success
+            outcome["run_id"] = result.run_id
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    with DagsterInstance.get() as instance:
+        def starts() -> list[float]:
+            return [r.timestamp for run in instance.get_runs(limit=1)
+                    for r in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
+                    if r.step_key == "slow_0"]
+
+        wait_for(starts, 60, "the first step")
+        stop(victim, signal.SIGKILL)
+        killed = time.time()
+        rescuer = start_worker(f"rescuer{index}", env, work)
+        try:
+            thread.join(deadline)
+            again = starts()
+            detect = (again[1] - killed) if len(again) > 1 else None
+        finally:
+            stop(rescuer)
+    hung = thread.is_alive()
+    return {"trial": index, "hung": hung, "success": outcome.get("success", False),
+            "recovered_after_s": detect}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    parser.add_argument("--deadline", type=float, default=120.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="dagster-taskiq-faults-"))
+    home = work / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(home)
+    redis = start_redis(work)
+    broker = redis.url()
+    env = {**os.environ, "DAGSTER_TASKIQ_BROKER_URL": broker,
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "executor"), str(ROOT)])}
+    results = []
+    try:
+        for index in range(args.trials):
+            results.append(trial(index, broker, env, work, args.heartbeat_timeout,
+                                 args.deadline))
+            print(json.dumps(results[-1]), flush=True)
+    finally:
+        redis.process.terminate()
+        redis.process.wait(10)
+    recovered = [r["recovered_after_s"] for r in results if r["recovered_after_s"] is not None]
+    summary = {
+        "trials": len(results),
+        "hung_runs": sum(r["hung"] for r in results),
+        "successful_runs": sum(r["success"] for r in results),
+        "heartbeat_timeout_s": args.heartbeat_timeout,
+        "recovery_s_median": statistics.median(recovered) if recovered else None,
+        "recovery_s_max": max(recovered) if recovered else None,
+    }
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps({"summary": summary, "trials": results}, indent=2))
+    return 1 if summary["hung_runs"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
