@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib
 import json
 import logging
@@ -59,10 +60,11 @@ class ChildProcessRunner:
 
     async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str) -> StepOutcome:
         read_fd, write_fd = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: run the body, write its outcome, leave without cleanup
             os.close(read_fd)
-            _child_main(body, write_fd)
+            _child_main(body, write_fd, parent)
         os.close(write_fd)
         child = self._children[task_id] = _Child(pid, label)
         logger.info("Task %s: %s (child %d).", task_id, label, pid)
@@ -126,7 +128,21 @@ class ChildProcessRunner:
         ]
 
 
-def _child_main(body: Callable[[], StepOutcome], write_fd: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """If the worker dies (SIGKILL, OOM), its tasks must die too: their leases will expire and
+    the tasks run elsewhere, so an orphan would mean the same step running twice."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the worker died before prctl took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_main(body: Callable[[], StepOutcome], write_fd: int, parent: int) -> None:
+    _die_with_parent(parent)
     # Undo what the parent's event loop installed: signals must not reach the parent's loop.
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
