@@ -72,12 +72,16 @@ def trial(index: int, broker: str, env: dict[str, str], work: Path, heartbeat: f
             outcome["success"] = result.success
             outcome["run_id"] = result.run_id
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
     with DagsterInstance.get() as instance:
+        earlier = {run.run_id for run in instance.get_runs()}
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        new_run = wait_for(lambda: [r for r in instance.get_runs(limit=1)
+                                    if r.run_id not in earlier], 60, "the trial's run")[0]
+
         def starts() -> list[float]:
-            return [r.timestamp for run in instance.get_runs(limit=1)
-                    for r in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
+            return [r.timestamp for r in instance.all_logs(new_run.run_id,
+                                                           of_type=DagsterEventType.STEP_START)
                     if r.step_key == "slow_0"]
 
         wait_for(starts, 60, "the first step")

@@ -153,6 +153,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-hop", action="store_true")
+    parser.add_argument("--noop-compute-logs", action="store_true",
+                        help="use Dagster's NoOpComputeLogManager (no per-step capture helpers)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     executors = args.executor or ["taskiq", "in_process", "multiprocess"]
@@ -160,13 +162,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dagster-taskiq-bench-"))
     home = work / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    instance_yaml = "telemetry:\n  enabled: false\n"
+    if args.noop_compute_logs:
+        instance_yaml += ("compute_logs:\n  module: dagster._core.storage.noop_compute_log_manager"
+                          "\n  class: NoOpComputeLogManager\n")
+    (home / "dagster.yaml").write_text(instance_yaml)
     os.environ["DAGSTER_HOME"] = str(home)
     redis = start_redis(work)
     broker = redis.url()
     env = {**os.environ, "DAGSTER_TASKIQ_BROKER_URL": broker,
            "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT)])}
-    report: dict = {"machine": {"cpus": os.cpu_count(), "load1": os.getloadavg()[0]}}
+    report: dict = {"machine": {"cpus": os.cpu_count(), "load1": os.getloadavg()[0]},
+                     "noop_compute_logs": args.noop_compute_logs}
     try:
         if not args.no_hop:
             report["hop"] = bench_hop(broker, work)
