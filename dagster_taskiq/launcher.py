@@ -116,30 +116,28 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
 
     # -- launching --------------------------------------------------------------------------
     def launch_run(self, context: LaunchRunContext) -> None:
-        run = context.dagster_run
-        args = ExecuteRunArgs(
-            job_origin=check.not_none(context.job_code_origin),
-            run_id=run.run_id,
-            instance_ref=self._instance.get_ref(),
-            set_exit_code_on_failure=True,
-        )
-        self._send(run, TASK_EXECUTE_JOB, serialize_value(args))
+        self._send(context, TASK_EXECUTE_JOB, ExecuteRunArgs)
 
     @property
     def supports_resume_run(self) -> bool:
         return True
 
     def resume_run(self, context: ResumeRunContext) -> None:
+        self._send(context, TASK_RESUME_JOB, ResumeRunArgs)
+
+    def _send(
+        self,
+        context: LaunchRunContext | ResumeRunContext,
+        task_name: str,
+        args_type: type[ExecuteRunArgs] | type[ResumeRunArgs],
+    ) -> None:
         run = context.dagster_run
-        args = ResumeRunArgs(
+        run_args = serialize_value(args_type(
             job_origin=check.not_none(context.job_code_origin),
             run_id=run.run_id,
             instance_ref=self._instance.get_ref(),
             set_exit_code_on_failure=True,
-        )
-        self._send(run, TASK_RESUME_JOB, serialize_value(args))
-
-    def _send(self, run: DagsterRun, task_name: str, run_args: str) -> None:
+        ))
         found = tag_value(run.tags, TASKIQ_QUEUE_TAG)
         queue = found[1] if found else self.default_queue
         priority = priority_from_tags(run.tags, TASKIQ_RUN_PRIORITY_TAG, 0, f"Run {run.run_id}")
