@@ -503,5 +503,31 @@ def status(config_yaml: str | None, as_json: bool) -> None:
     click.echo(table(["QUEUE", "STEPS WAITING", "RUNS WAITING", "IN FLIGHT", "WORKERS"], rows))
 
 
+@main.command(help="Run this project's whole stack natively (no Docker): Redis, S3 and its "
+              "bucket, one worker per queue, the code server, the Dagster webserver and "
+              "daemon. Run it from the project directory. Prints `redis: ...`, `s3: ...` and "
+              "`ready: <UI URL>` once everything answers; Ctrl-C stops all of it.")
+@click.option("--port", type=click.IntRange(1, 65535), default=3000, show_default=True,
+              help="Webserver (UI) port on 127.0.0.1.")
+@click.option("--redis-url", default=None,
+              help="Use this Redis instead of starting one (password masked in output).")
+@click.option("--s3-endpoint", default=None,
+              help="Use this S3 endpoint instead of starting one (keys from AWS_ACCESS_KEY_ID/"
+              "AWS_SECRET_ACCESS_KEY).")
+@click.option("--storage", default="sqlite", show_default=True,
+              help="Dagster storage: sqlite (in a temporary DAGSTER_HOME) or a postgresql:// URL.")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Steps each worker runs at once.")
+@click.option("--project-dir", type=click.Path(exists=True, file_okay=False), default=".",
+              show_default=True, help="The project directory.")
+def dev(port: int, redis_url: str | None, s3_endpoint: str | None, storage: str,
+        concurrency: int, project_dir: str) -> None:
+    from dagster_taskiq.dev import DevOptions
+    from dagster_taskiq.dev import main as dev_main
+
+    sys.exit(dev_main(DevOptions(Path(project_dir), port, redis_url, s3_endpoint, storage,
+                                 concurrency)))
+
+
 if __name__ == "__main__":
     main()
