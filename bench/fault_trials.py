@@ -1,9 +1,10 @@
 """SIGKILL trials: kill the worker running a step, N times; count hung runs, time the recovery.
 
-Each trial runs ``slow_chain_job`` (tests/executor/repo.py: three sleeping steps) through the
-taskiq executor, SIGKILLs the worker (and its step process) while the first step runs, starts a
-fresh worker, and records how long until the lost step starts again on it, and whether the run
-finished successfully within ``--deadline`` seconds (otherwise it counts as hung).
+Each trial runs ``slow_chain_job`` (tests/executor/repo.py: three sleeping steps, the first of
+15 s) through the taskiq executor; once the first step runs on the victim worker, a second worker
+starts, the victim is SIGKILLed (its step process dies with it), and the trial records how long
+until the lost step starts again on the second worker, and whether the run finished successfully
+within ``--deadline`` seconds (otherwise it counts as hung).
 
     uv run python bench/fault_trials.py --trials 20 --heartbeat-timeout 5
 """
@@ -59,7 +60,7 @@ def trial(index: int, broker: str, env: dict[str, str], work: Path, heartbeat: f
     config = {
         "execution": {"config": {"broker": broker, "worker_heartbeat_timeout": heartbeat}},
         "resources": {"io_manager": {"config": {"base_dir": str(work / "io")}}},
-        "ops": {"slow_0": {"config": {"seconds": 3.0}}},
+        "ops": {"slow_0": {"config": {"seconds": 15.0}}},
         "loggers": {"console": {"config": {"log_level": "ERROR"}}},
     }
     outcome: dict = {}
@@ -85,9 +86,10 @@ def trial(index: int, broker: str, env: dict[str, str], work: Path, heartbeat: f
                     if r.step_key == "slow_0"]
 
         wait_for(starts, 60, "the first step")
+        # The rescuer is up before the kill, so what is timed is detection and redelivery.
+        rescuer = start_worker(f"rescuer{index}", env, work)
         stop(victim, signal.SIGKILL)
         killed = time.time()
-        rescuer = start_worker(f"rescuer{index}", env, work)
         try:
             thread.join(deadline)
             again = starts()
