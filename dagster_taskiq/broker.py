@@ -530,8 +530,6 @@ class RedisLeaseBroker(AsyncBroker):
         raw = await self.redis.hgetall(self._key("task", task_id))
         return {k.decode(): v.decode() for k, v in raw.items() if k != b"body"}
 
-    async def leased_task_ids(self) -> list[str]:
-        return [m.decode() for m in await self.redis.zrange(self._key("leases"), 0, -1)]
 
 
 class BrokerUnavailable(Exception):

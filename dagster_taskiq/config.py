@@ -98,11 +98,3 @@ class BrokerSettings:
                     f"config_source.{name} must be a positive number of seconds.", [], options
                 )
         return settings
-
-    def as_config_source(self) -> dict[str, Any]:
-        """The non-URL fields, as a ``config_source`` mapping (sent to run workers)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in ("broker_url", "backend_url")
-        }
