@@ -129,3 +129,23 @@ def test_password_protected_redis_never_shows_the_password(start_worker, instanc
     finally:
         server.process.terminate()
         server.process.wait(10)
+
+
+def test_graceful_stop_hands_a_long_step_back_at_once(start_worker, instance, io_dir,
+                                                      broker_url):
+    """SIGTERM: the worker waits up to --shutdown-timeout, then hands the running step back to
+    its queue (no lease expiry needed) and exits; another worker runs it."""
+    leaving = start_worker(name="leaving", args=["--shutdown-timeout", "1"])
+    config = run_config(io_dir, broker_url)  # default 30 s heartbeat timeout: not the path here
+    config["ops"] = {"slow_0": {"config": {"seconds": 6.0}}}
+    out: list = []
+    thread = _run_in_thread("slow_chain_job", config, out)
+    wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
+    start_worker(name="staying")
+    stopped = time.monotonic()
+    assert leaving.stop() == 0
+    assert time.monotonic() - stopped < 10
+    wait_for(lambda: len(_starts(instance, "slow_0")) == 2, 15, "slow_0 to run again")
+    thread.join(90)
+    assert out and out[0].success
+    assert "Handing 1 unfinished task(s) back" in leaving.output()
