@@ -155,6 +155,12 @@ def is_postgres_url(storage: str) -> bool:
     return storage.startswith(("postgres://", "postgresql://", "postgresql+psycopg2://"))
 
 
+def sqlalchemy_postgres_url(url: str) -> str:
+    """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; dagster-postgres ships psycopg2."""
+    scheme, _, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}" if scheme in ("postgres", "postgresql") else url
+
+
 def _storage_label(storage: str) -> str:
     return mask_url(storage) if is_postgres_url(storage) else storage
 
@@ -617,7 +623,7 @@ def _bring_up(options: DevOptions, project: Project, stack: Stack, work: Path,
                                                     os.environ.get("PYTHONPATH")])),
     }
     if is_postgres_url(options.storage):
-        env["DAGSTER_POSTGRES_URL"] = options.storage
+        env["DAGSTER_POSTGRES_URL"] = sqlalchemy_postgres_url(options.storage)
 
     dagster = tool("dagster")
     # Create (or migrate) the storage once, before several processes race to create it.

@@ -109,7 +109,9 @@ class GraphQL:
                     ... on EngineEvent { metadataEntries { label
                         ... on TextMetadataEntry { text } } }
                     ... on HandledOutputEvent { metadataEntries { label
-                        ... on PathMetadataEntry { path } } } } } } }""",
+                        ... on PathMetadataEntry { path } } }
+                    ... on ExecutionStepUpForRetryEvent {
+                        error { message causes { message } } } } } } }""",
                         {"id": run_id, "cursor": cursor})
             connection = data["logsForRun"]
             events += connection["events"]
@@ -281,13 +283,13 @@ class DevStack:
     bucket: str
     log: Path
     lines: list[str]
+    keys: tuple[str, str]  # the S3 keys dev started its server with (from its environment)
 
     def s3_client(self) -> Any:
         import boto3
 
         return boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1",
-                            aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"])
+                            aws_access_key_id=self.keys[0], aws_secret_access_key=self.keys[1])
 
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
@@ -311,9 +313,10 @@ def start_dev(project: Path, args: list[str], log: Path, env: dict[str, str] | N
     """``dagster-taskiq dev`` in ``project`` with ``args``; returns once it printed ``ready:``
     (its service logs go to ``log``)."""
     cli = Path(sys.executable).parent / "dagster-taskiq"
+    env = env or dict(os.environ)
     errors = open(log, "w")  # noqa: SIM115 - the child writes to it for its whole life
     process = subprocess.Popen([str(cli), "dev", *args], cwd=project, stdout=subprocess.PIPE,
-                               stderr=errors, text=True, env=env or dict(os.environ))
+                               stderr=errors, text=True, env=env)
     errors.close()
     lines: list[str] = []
     ready = threading.Event()
@@ -336,7 +339,8 @@ def start_dev(project: Path, args: list[str], log: Path, env: dict[str, str] | N
                                f"{process.returncode}). Last lines of {log}:\n{log_tail(log)}")
     said = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in lines if ": " in line}
     endpoint, _, bucket = said["s3"].partition(" bucket=")
-    return DevStack(process, said["ready"], said["redis"], endpoint, bucket, log, lines)
+    keys = (env.get("AWS_ACCESS_KEY_ID", ""), env.get("AWS_SECRET_ACCESS_KEY", ""))
+    return DevStack(process, said["ready"], said["redis"], endpoint, bucket, log, lines, keys)
 
 
 def free_port() -> int:
