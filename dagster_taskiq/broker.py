@@ -245,6 +245,16 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+async def stop_loop(task: asyncio.Task[Any], timeout: float = 5.0) -> None:
+    """Stop a background loop that also watches a closing flag. Cancelling alone is not
+    enough: redis-py can swallow a cancellation that lands in a read under its socket timeout,
+    and the loop would carry on."""
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=timeout)
+    if not done:
+        logger.warning("A background task did not stop within %.0f s; leaving it.", timeout)
+
+
 class Backoff:
     """Exponential backoff for reconnect loops: 0.1 s doubling up to 5 s, reset on success."""
 
@@ -338,8 +348,7 @@ class RedisLeaseBroker(AsyncBroker):
     async def shutdown(self) -> None:
         self._closing = True
         if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+            await stop_loop(self._heartbeat_task)
         await super().shutdown()
         if self._redis is not None:
             await self._redis.aclose()
@@ -419,11 +428,12 @@ class RedisLeaseBroker(AsyncBroker):
         queue_keys = [self.queue_key(q, self.kind) for q in self.queues]
         wake_keys = [self._wake_key(q, self.kind) for q in self.queues]
         backoff = Backoff()
-        this_task = asyncio.current_task()
         while not self._closing:
             # redis-py can swallow a cancellation that lands inside a blocking read under its
-            # socket timeout; the request stays visible here, so the receiver can still stop us.
-            if this_task is not None and this_task.cancelling():
+            # socket timeout; the request stays visible on the task driving us (the receiver
+            # drives each step of this generator from a new task), so it can still stop us.
+            driver = asyncio.current_task()
+            if driver is not None and driver.cancelling():
                 raise asyncio.CancelledError
             try:
                 await self.reap_if_due()
@@ -499,7 +509,7 @@ class RedisLeaseBroker(AsyncBroker):
 
     async def _heartbeat_loop(self) -> None:
         backoff = Backoff()
-        while True:
+        while not self._closing:
             await asyncio.sleep(self._heartbeat_interval())
             try:
                 lost, cancelled = await self.heartbeat()

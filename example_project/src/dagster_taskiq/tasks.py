@@ -19,7 +19,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from dagster import DagsterInstance
 from dagster._cli.api import _execute_run_command_body, _resume_run_command_body
@@ -37,6 +37,8 @@ from dagster_taskiq.config import TASK_EXECUTE_JOB, TASK_EXECUTE_PLAN, TASK_RESU
 
 QUEUE_WAIT_MARKER = "taskiq_queue_wait"
 
+T = TypeVar("T")
+
 StepOutcome = dict[str, Any]
 """``{"events": [serialized DagsterEvent, ...], "error": serialized SerializableErrorInfo | None,
 "crashed": bool}``: ``error`` is an exception in the worker outside the step's own handling;
@@ -44,8 +46,10 @@ StepOutcome = dict[str, Any]
 
 
 class StepRunner(Protocol):
-    """Runs a task body somewhere (inline, or in a child process) and returns its outcome.
-    ``label`` says what it is (for the worker registry and logs)."""
+    """Loads what a task needs, then runs its body somewhere (inline, or in a child process)
+    and returns its outcome. ``label`` says what it is (for the worker registry and logs)."""
+
+    def prepare(self, load: Callable[[], T]) -> Awaitable[T]: ...
 
     def run(
         self, task_id: str, body: Callable[[], StepOutcome], label: str
@@ -55,6 +59,9 @@ class StepRunner(Protocol):
 class InlineStepRunner:
     """Eager mode: the step runs in this (the orchestrating) process, on a thread of its own
     because Dagster runs its own event loop inside step execution."""
+
+    async def prepare(self, load: Callable[[], T]) -> T:
+        return load()
 
     async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str) -> StepOutcome:
         return await asyncio.to_thread(body)
@@ -201,7 +208,7 @@ async def execute_plan(
     runner: StepRunner = context.state.step_runner
     worker: str = getattr(context.state, "worker_name", None) or worker_label()
     try:
-        step = prepare_step(step_args, job_pointer, worker)
+        step = await runner.prepare(lambda: prepare_step(step_args, job_pointer, worker))
     except Exception:
         return error_outcome()
     keys = ", ".join(step.args.step_keys_to_execute or [])
@@ -230,8 +237,10 @@ async def _run_task(run_args: str, resume: bool, context: Context) -> StepOutcom
     runner: StepRunner = context.state.step_runner
     try:
         args = deserialize_value(run_args, (ExecuteRunArgs, ResumeRunArgs))
-        instance = LOADED.instance(args.instance_ref) if args.instance_ref else \
-            DagsterInstance.get()
+        instance = await runner.prepare(
+            lambda: LOADED.instance(args.instance_ref) if args.instance_ref
+            else DagsterInstance.get()
+        )
         run = PreparedRun(args.run_id, instance, resume)
     except Exception:
         return error_outcome()

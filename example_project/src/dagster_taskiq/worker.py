@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from dagster._serdes import serialize_value
 from dagster._utils.error import SerializableErrorInfo
@@ -33,12 +34,14 @@ from taskiq.exceptions import NoResultError
 from taskiq.receiver import Receiver
 
 from dagster_taskiq.app import make_app
-from dagster_taskiq.broker import REDIS_ERRORS, RUN, STEP, Backoff, RedisLeaseBroker
+from dagster_taskiq.broker import REDIS_ERRORS, RUN, STEP, Backoff, RedisLeaseBroker, stop_loop
 from dagster_taskiq.config import DEFAULT_QUEUE, BrokerSettings, mask_url
 from dagster_taskiq.registry import WorkerInfo, publish, remove
 from dagster_taskiq.tasks import StepOutcome, error_outcome
 
 logger = logging.getLogger("dagster_taskiq.worker")
+
+T = TypeVar("T")
 
 KILL_GRACE_SECONDS = 5.0  # SIGINT first (Dagster records the interruption), then SIGKILL
 
@@ -57,14 +60,23 @@ class ChildProcessRunner:
     def __init__(self) -> None:
         self._children: dict[str, _Child] = {}  # task id -> child
         self._reaping: set[asyncio.Task[int]] = set()
+        self._forking = asyncio.Lock()
+
+    async def prepare(self, load: Callable[[], T]) -> T:
+        """Load what a task needs (user code on first use, the instance, the run) on a thread,
+        so heartbeats go on meanwhile; never while a fork happens (the child would inherit
+        half-taken locks)."""
+        async with self._forking:
+            return await asyncio.to_thread(load)
 
     async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str) -> StepOutcome:
         read_fd, write_fd = os.pipe()
         parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the child: run the body, write its outcome, leave without cleanup
-            os.close(read_fd)
-            _child_main(body, write_fd, parent)
+        async with self._forking:
+            pid = os.fork()
+            if pid == 0:  # the child: run the body, write its outcome, leave without cleanup
+                os.close(read_fd)
+                _child_main(body, write_fd, parent)
         os.close(write_fd)
         child = self._children[task_id] = _Child(pid, label)
         logger.info("Task %s: %s (child %d).", task_id, label, pid)
@@ -268,7 +280,8 @@ async def run_worker(options: WorkerOptions) -> None:
 
     # Registered before listening, so whoever sees it listening also finds it in the registry.
     await publish(consumers[0].redis, options.settings.key_prefix, info)
-    registry = asyncio.create_task(_registry_loop(consumers[0], info, runner, finish))
+    closing = asyncio.Event()
+    registry = asyncio.create_task(_registry_loop(consumers[0], info, runner, finish, closing))
     receivers = [
         Receiver(consumer, max_async_tasks=options.concurrency, max_prefetch=0,
                  run_startup=False, ack_type=AcknowledgeType.WHEN_SAVED)
@@ -292,10 +305,14 @@ async def run_worker(options: WorkerOptions) -> None:
             for consumer in consumers:
                 for task_id in await consumer.release_held():
                     runner.release(task_id)
+        # Released tasks end within moments; anything still listening is told to stop.
+        _, pending = await asyncio.wait(listening, timeout=KILL_GRACE_SECONDS)
+        for task in pending:
+            task.cancel()
         await asyncio.gather(*listening, return_exceptions=True)
     finally:
-        registry.cancel()
-        await asyncio.gather(registry, return_exceptions=True)
+        closing.set()
+        await stop_loop(registry)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         with contextlib.suppress(*REDIS_ERRORS):
@@ -306,10 +323,11 @@ async def run_worker(options: WorkerOptions) -> None:
 
 
 async def _registry_loop(broker: RedisLeaseBroker, info: WorkerInfo,
-                         runner: ChildProcessRunner, finish: asyncio.Event) -> None:
+                         runner: ChildProcessRunner, finish: asyncio.Event,
+                         closing: asyncio.Event) -> None:
     """Publish this worker in the registry every second; obey ``worker terminate``."""
     backoff = Backoff()
-    while True:
+    while not closing.is_set():
         info.tasks = runner.describe()
         try:
             if await publish(broker.redis, broker.settings.key_prefix, info) \
@@ -321,4 +339,5 @@ async def _registry_loop(broker: RedisLeaseBroker, info: WorkerInfo,
             logger.warning("Registry heartbeat failed (%s); retrying.", exc)
             await backoff.wait()
             continue
-        await asyncio.sleep(1.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closing.wait(), 1.0)
