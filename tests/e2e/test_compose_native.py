@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -127,10 +128,15 @@ class NativeCompose:
 
 @pytest.fixture(scope="module")
 def compose(postgres_db: Database, tmp_path_factory) -> Iterator[NativeCompose]:
-    model = compose_model(EXAMPLE)
-    dotenv = dict(line.split("=", 1) for line in (EXAMPLE / ".env").read_text().splitlines()
-                  if line and not line.startswith("#") and "=" in line)
     work = tmp_path_factory.mktemp("compose-native")
+    # The project's .env is per checkout (gitignored): use .env.example with test secrets.
+    env_file = work / "test.env"
+    env_file.write_text(
+        (EXAMPLE / ".env.example").read_text().replace("change-me-", f"test-{uuid.uuid4().hex}-")
+    )
+    model = compose_model(EXAMPLE, "--env-file", str(env_file))
+    dotenv = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
+                  if line and not line.startswith("#") and "=" in line)
     redis = start_redis(work, dotenv["REDIS_PASSWORD"])
     s3, s3_process = start_s3(work)
     grpc_port, web_port = free_port(), free_port()
