@@ -25,9 +25,11 @@ from dagster import DagsterInstance
 from dagster._cli.api import _execute_run_command_body, _resume_run_command_body
 from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.events import EngineEventData
-from dagster._core.execution.api import create_execution_plan, execute_plan_iterator
+from dagster._core.execution.api import execute_plan_iterator
+from dagster._core.execution.plan.plan import ExecutionPlan
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.dagster_run import DagsterRun
+from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs, ResumeRunArgs
 from dagster._serdes import deserialize_value, serialize_value
 from dagster._utils.error import serializable_error_info_from_exc_info
@@ -74,7 +76,7 @@ class _LoadedCode:
         self.size = size
         self.instances: OrderedDict[str, DagsterInstance] = OrderedDict()
         self.jobs: OrderedDict[str, ReconstructableJob] = OrderedDict()
-        self.runs: OrderedDict[str, None] = OrderedDict()
+        self.runs: OrderedDict[str, tuple[DagsterRun, ResolvedRunConfig]] = OrderedDict()
 
     def instance(self, ref: InstanceRef | None) -> DagsterInstance:
         if ref is None:
@@ -91,14 +93,23 @@ class _LoadedCode:
         self.instances.move_to_end(key)
         return self.instances[key]
 
-    def warm_run(self, instance: DagsterInstance, run_id: str) -> None:
-        """Open the run's event log once here, so that storages which set up per run (sqlite
-        shards a database per run) do it once per worker, not once per forked step."""
+    def run(self, instance: DagsterInstance, run_id: str,
+            recon_job: ReconstructableJob) -> tuple[DagsterRun, ResolvedRunConfig]:
+        """The run and its validated config, read once per worker. The first read also opens
+        the run's event log here, so storages which set up per run (sqlite shards a database
+        per run) do it once per worker, not once per forked step; and resolving the config
+        once here leaves the job's config schema built for every forked step."""
         if run_id not in self.runs:
+            run = instance.get_run_by_id(run_id)
+            if run is None:
+                raise ValueError(f"Could not load run {run_id} from the instance.")
             instance.event_log_storage.get_logs_for_run(run_id, limit=1)
-            self.runs[run_id] = None
+            config = ResolvedRunConfig.build(recon_job.get_definition(), run.run_config)
+            self.runs[run_id] = (run, config)
             if len(self.runs) > 64 * self.size:
                 self.runs.popitem(last=False)
+        self.runs.move_to_end(run_id)
+        return self.runs[run_id]
 
     def job(self, pointer: dict[str, Any]) -> ReconstructableJob:
         key = json.dumps(pointer, sort_keys=True)
@@ -134,6 +145,7 @@ class PreparedStep:
 
     args: ExecuteStepArgs
     run: DagsterRun
+    run_config: ResolvedRunConfig
     instance: DagsterInstance
     recon_job: ReconstructableJob
     worker: str
@@ -159,9 +171,9 @@ class PreparedStep:
                 step_key=step_keys[0] if len(step_keys) == 1 else None,
             )
             events.append(serialize_value(started))
-            plan = create_execution_plan(
-                self.recon_job,
-                run.run_config,
+            plan = ExecutionPlan.build(
+                self.recon_job.get_definition(),
+                self.run_config,
                 step_keys_to_execute=step_keys,
                 known_state=args.known_state,
             )
@@ -186,11 +198,9 @@ class PreparedStep:
 def prepare_step(step_args: str, job_pointer: dict[str, Any], worker: str) -> PreparedStep:
     args = deserialize_value(step_args, ExecuteStepArgs)
     instance = LOADED.instance(args.instance_ref)
-    LOADED.warm_run(instance, args.run_id)
-    run = instance.get_run_by_id(args.run_id)
-    if run is None:
-        raise ValueError(f"Could not load run {args.run_id} from the instance.")
-    return PreparedStep(args, run, instance, LOADED.job(job_pointer), worker)
+    recon_job = LOADED.job(job_pointer)
+    run, run_config = LOADED.run(instance, args.run_id, recon_job)
+    return PreparedStep(args, run, run_config, instance, recon_job, worker)
 
 
 def error_outcome(events: list[str] | None = None) -> StepOutcome:

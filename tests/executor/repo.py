@@ -290,3 +290,28 @@ def slow_chain_job():
     value = sleep_op.alias("slow_0")()
     for i in range(1, 3):
         value = sleep_op.alias(f"slow_{i}")(start_after=value)
+
+
+@op
+def chatty() -> int:
+    """Writes to stdout and stderr, from Python and from a subprocess (fd level), and returns
+    how many processes this step's process has started besides that one (capture helpers)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    for i in range(3):
+        print(f"chatty-out-{i}", flush=True)
+    sys.stderr.write("chatty-err-0\n")
+    sys.stderr.flush()
+    subprocess.run(["echo", "chatty-subprocess"], check=True)
+    print("x" * 200_000)  # more than one pipe buffer and one read chunk
+    helpers = len(psutil.Process().children(recursive=True))
+    print("chatty-last", flush=True)
+    return helpers
+
+
+@job(executor_def=taskiq_executor)
+def chatty_job():
+    chatty()

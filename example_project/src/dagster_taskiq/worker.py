@@ -33,6 +33,7 @@ from taskiq.acks import AcknowledgeType
 from taskiq.exceptions import NoResultError
 from taskiq.receiver import Receiver
 
+from dagster_taskiq import log_mirror
 from dagster_taskiq.app import make_app
 from dagster_taskiq.broker import REDIS_ERRORS, RUN, STEP, Backoff, RedisLeaseBroker, stop_loop
 from dagster_taskiq.config import DEFAULT_QUEUE, BrokerSettings, mask_url
@@ -252,6 +253,9 @@ async def run_worker(options: WorkerOptions) -> None:
     still runs back to its queue. A second signal does that at once."""
     for module in options.includes:
         importlib.import_module(module)
+    if not log_mirror.install():
+        logger.warning("Compute logs are mirrored by Dagster's tail processes (unexpected "
+                       "Dagster version): steps start more slowly.")
     host = socket.gethostname()
     worker_id = f"{options.name}@{host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     runner = ChildProcessRunner()
