@@ -143,6 +143,19 @@ def bench_hop(broker_url: str, logs: Path, count: int = 300) -> dict[str, float]
     }
 
 
+def cpu_probe_ms() -> float:
+    """Milliseconds for a fixed pure-Python loop (best of 3): this VM's speed drifts by tens of
+    percent over minutes, so every report says how fast the machine was while it ran."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for i in range(2_000_000):
+            total += i
+        best = min(best, (time.perf_counter() - started) * 1000)
+    return round(best, 1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,7 +185,8 @@ def main() -> int:
     broker = redis.url()
     env = {**os.environ, "DAGSTER_TASKIQ_BROKER_URL": broker,
            "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT)])}
-    report: dict = {"machine": {"cpus": os.cpu_count(), "load1": os.getloadavg()[0]},
+    report: dict = {"machine": {"cpus": os.cpu_count(), "load1": os.getloadavg()[0],
+                                "cpu_probe_ms": cpu_probe_ms()},
                      "noop_compute_logs": args.noop_compute_logs}
     try:
         if not args.no_hop:
@@ -194,6 +208,7 @@ def main() -> int:
         redis.process.wait(10)
         shutil.rmtree(work, ignore_errors=True)
     report["machine"]["load1_end"] = os.getloadavg()[0]
+    report["machine"]["cpu_probe_ms_end"] = cpu_probe_ms()
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
