@@ -67,7 +67,8 @@ def tail_on_thread(path: str, stream: IO) -> Iterator[tuple[None, None]]:
     finally:
         stop.set()
         thread.join(timeout=10)
-        os.close(out_fd)
+        if not thread.is_alive():  # else it is stuck writing to a full pipe: leave its fd be
+            os.close(out_fd)
 
 
 def install() -> bool:
