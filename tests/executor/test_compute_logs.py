@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
+import pytest
 from dagster import DagsterEventType
 
 from dagster_taskiq.log_mirror import tail_on_thread
@@ -62,3 +63,15 @@ def test_tail_on_thread_copies_everything_written_until_exit(tmp_path):
     expected = b"".join(f"line {i}\n".encode() for i in range(1000)) + b"y" * 300_000 + \
         b"\nthe end\n"
     assert bytes(received) == expected
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_tail_on_thread_stops_quietly_when_the_destination_closes(tmp_path):
+    path = tmp_path / "captured.out"
+    path.write_bytes(b"")
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)  # nobody reads the worker's output any more
+    with (open(write_fd, "wb", buffering=0) as stream, tail_on_thread(str(path), stream),
+          open(path, "ab", buffering=0) as out):
+        out.write(b"still captured\n")
+    assert path.read_bytes() == b"still captured\n"

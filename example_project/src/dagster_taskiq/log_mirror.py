@@ -34,15 +34,19 @@ def _fileno(stream: IO) -> int | None:
 
 
 def _pump(path: str, out_fd: int, stop: threading.Event) -> None:
-    """Copy ``path`` to ``out_fd`` as it grows, from its start; after ``stop``, copy the rest."""
+    """Copy ``path`` to ``out_fd`` as it grows, from its start; after ``stop``, copy the rest.
+    If the destination goes away (a closed pipe), mirroring stops; the capture goes on."""
     with open(path, "rb", buffering=0) as source:
         while True:
             stopping = stop.is_set()
             chunk = source.read(_CHUNK)
             while chunk:
                 view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out_fd, view):]
+                try:
+                    while view:
+                        view = view[os.write(out_fd, view):]
+                except OSError:
+                    return
                 chunk = source.read(_CHUNK)
             if stopping:
                 return
