@@ -31,22 +31,33 @@ def _starts(instance: DagsterInstance, step_key: str) -> list[float]:
             if r.step_key == step_key]
 
 
+def _worker_running(instance: DagsterInstance, step_key: str) -> str:
+    """The name of the worker whose 'Executing steps ...' event is the step's latest."""
+    events = [r for run in instance.get_runs()
+              for r in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+              if r.step_key == step_key
+              and "taskiq worker" in r.dagster_event.engine_event_data.metadata]
+    return events[-1].dagster_event.engine_event_data.metadata["taskiq worker"].value
+
+
 def test_worker_sigkilled_mid_step_step_runs_again_elsewhere(start_worker, instance, io_dir,
                                                              broker_url):
-    victim = start_worker(name="victim")
+    # Both workers are up before the kill: the bound is about redelivery, not a worker's start.
+    workers = {name: start_worker(name=name) for name in ("one", "two")}
     config = run_config(io_dir, broker_url, worker_heartbeat_timeout=2.0)
     config["ops"] = {"slow_0": {"config": {"seconds": 3.0}}}
     out: list = []
     thread = _run_in_thread("slow_chain_job", config, out)
     wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
-    victim.kill()
+    victim = _worker_running(instance, "slow_0")
+    workers[victim].kill()
     killed = time.time()
-    start_worker(name="rescuer")
     thread.join(90)
     assert out and out[0].success
     starts = _starts(instance, "slow_0")
     assert len(starts) == 2, "the lost step ran again, once"
     assert starts[1] - killed < 2 * 2.0 + 2, "redelivered within twice the heartbeat timeout"
+    assert _worker_running(instance, "slow_0") != victim
 
 
 def test_step_that_kills_its_process_fails_cleanly(start_worker, instance, io_dir, broker_url):
