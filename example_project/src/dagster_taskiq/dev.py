@@ -455,8 +455,8 @@ DAEMONS_QUERY = """
 
 
 def code_server_serving(port: int) -> bool:
-    """The gRPC health check that compose's ``dagster api grpc-health-check`` makes (asked
-    directly: Dagster's client prints every failed attempt to stdout)."""
+    """Whether the code server answers gRPC's health check (SERVING even when its location
+    fails to load: that is checked through the webserver, ``location_loaded``)."""
     import grpc
     from grpc_health.v1 import health_pb2
     from grpc_health.v1.health_pb2_grpc import HealthStub
