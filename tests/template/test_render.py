@@ -26,7 +26,9 @@ ALWAYS = [
     "README.md",
     "compose.yaml",
     "docker/dagster.yaml",
+    "docker/healthcheck.py",
     "docker/redis.conf",
+    "docker/with-secrets",
     "docker/workspace.yaml",
     "pyproject.toml",
     "src/{pkg}/__init__.py",
@@ -167,7 +169,6 @@ BAD_ANSWERS = [
     ({"description": "   "}, "must not be empty"),
     ({"queues": "short"}, "must be a YAML list"),
     ({"queues": {"a": 1}}, "must be a YAML list"),
-    ({"queues": ["dagster", "short"]}, "default queue and always exists"),
     ({"queues": ["short", "short"]}, "must be unique"),
     ({"queues": ["Bad Queue"]}, 'Queue "Bad Queue" is not a valid name'),
     ({"s3_bucket": "AB"}, "3-63 characters"),
@@ -185,3 +186,21 @@ def test_bad_answers_are_rejected(data: dict, message: str, tmp_path: Path) -> N
         run_copy(str(REPO), str(destination), data=data, defaults=True, vcs_ref="HEAD",
                  quiet=True)
     assert not destination.exists() or not any(destination.iterdir())
+
+
+@pytest.mark.parametrize(("queues", "extra"), [
+    (["dagster"], []),
+    (["short", "dagster", "gpu"], ["short", "gpu"]),
+])
+def test_listing_the_default_queue_changes_nothing(queues: list[str], extra: list[str],
+                                                   tmp_path: Path) -> None:
+    """A user may naturally name "dagster": it is the default queue, which always exists."""
+    project = render(tmp_path / "project", {"queues": queues})
+    package = "my_dagster_project"
+    namespace: dict = {}
+    exec((project / "src" / package / "queues.py").read_text(), namespace)
+    assert list(namespace["QUEUES"]) == extra
+    assert list(namespace["ALL_QUEUES"]) == ["dagster", *extra]
+    compose = (project / "compose.yaml").read_text()
+    workers = re.findall(r"^  (worker-[a-z0-9_-]+):$", compose, re.MULTILINE)
+    assert workers == [f"worker-{q}" for q in ["dagster", *extra]]

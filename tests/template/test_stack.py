@@ -79,18 +79,24 @@ def test_compose_services(rendered: Rendered) -> None:
         infra.add("s3")
     assert set(services) == infra | workers | set(DAGSTER_ROLES)
 
-    # One image for every Dagster role.
+    # One image for every Dagster role, built by s3-init alone (every role depends on it) and
+    # never pulled by the others.
     images = {services[name]["image"] for name in workers | set(DAGSTER_ROLES)}
     assert len(images) == 1
-    assert all("build" in services[name] for name in workers | set(DAGSTER_ROLES))
+    assert [name for name in services if "build" in services[name]] == ["s3-init"]
+    for name in workers | set(DAGSTER_ROLES):
+        assert services[name]["pull_policy"] == "never", name
 
     redis = services["redis"]
     assert "ports" not in redis, "the broker is not published by default"
-    assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+    assert "redis-cli ping" in redis["healthcheck"]["test"][1]
     conf = (rendered.path / "docker" / "redis.conf").read_text().splitlines()
     assert "appendonly yes" in conf and "maxmemory-policy noeviction" in conf
     assert any(v["target"] == "/usr/local/etc/redis/redis.conf" for v in redis["volumes"])
-    assert "--requirepass" in redis["command"]
+    # The password is in a file (a config), never on the command line.
+    assert "--requirepass" not in redis["command"]
+    assert redis["command"][-2:] == ["--include", "/usr/local/etc/redis/auth.conf"]
+    assert model["configs"]["redis_auth"]["content"].startswith("requirepass ")
 
     for name in ("postgres", "code-server", "webserver", "daemon", *(infra & {"s3"})):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
@@ -98,6 +104,8 @@ def test_compose_services(rendered: Rendered) -> None:
     webserver = services["webserver"]
     assert webserver["ports"][0]["target"] == 3000
     assert webserver["ports"][0]["published"] == "3000"
+    # No authentication in the UI: loopback only unless DAGSTER_WEBSERVER_HOST says otherwise.
+    assert webserver["ports"][0]["host_ip"] == "127.0.0.1"
     assert webserver["depends_on"]["code-server"]["condition"] == "service_healthy"
     for name in workers | {"code-server", "webserver", "daemon"}:
         depends = services[name]["depends_on"]
@@ -105,8 +113,13 @@ def test_compose_services(rendered: Rendered) -> None:
         assert depends["redis"]["condition"] == "service_healthy"
         assert depends["s3-init"]["condition"] == "service_completed_successfully"
         env = services[name]["environment"]
-        assert env["DAGSTER_TASKIQ_BROKER_URL"].startswith("redis://:")
-        assert env["DAGSTER_POSTGRES_PASSWORD"]
+        # The password is filled in inside the container, from its secret (`config` prints the
+        # value still escaped for compose: the container gets ${REDIS_PASSWORD}).
+        assert env["DAGSTER_TASKIQ_BROKER_URL"] == "redis://:$${REDIS_PASSWORD}@redis:6379/0"
+        assert not {"DAGSTER_POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY"} & set(env)
+        targets = {s["target"] for s in services[name]["secrets"]}
+        assert targets == {"DAGSTER_POSTGRES_PASSWORD", "REDIS_PASSWORD", "AWS_ACCESS_KEY_ID",
+                           "AWS_SECRET_ACCESS_KEY"}
     if "s3" in infra:
         assert services["s3-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
         assert services["s3-init"]["environment"]["S3_ENDPOINT_URL"].startswith("http://s3:")
@@ -149,6 +162,8 @@ def test_dockerfile_passes_hadolint(rendered: Rendered) -> None:
     dockerfile = (rendered.path / "Dockerfile").read_text()
     assert dockerfile.count("\nFROM ") >= 3, "multi-stage: uv, builder, runtime"
     assert "USER 1000:1000" in dockerfile
+    # A `# syntax=` line makes every build pull a frontend image (and fail offline).
+    assert not re.search(r"^#\s*syntax\s*=", dockerfile, re.MULTILINE | re.IGNORECASE)
     assert f"ARG PYTHON_VERSION={rendered.answers['python_version']}" in dockerfile
 
 
@@ -166,8 +181,9 @@ def test_dev_stack_runs_example_project_on_the_working_copy(profile: list[str]) 
     finally:
         if created:
             env_file.unlink()
+    image = model["services"]["s3-init"]["image"]
     for name, service in model["services"].items():
-        if "build" not in service:
+        if service.get("image") != image:
             continue
         mounts = {v["target"]: v["source"] for v in service.get("volumes", [])}
         assert mounts["/opt/dagster/dev/dagster_taskiq"] == str(REPO / "dagster_taskiq"), name
@@ -222,3 +238,29 @@ def test_run_launcher_config_fits_the_launcher(
         launcher.TaskiqRunLauncher.config_type(), config["run_launcher"]["config"]
     )
     assert result.success, result.errors
+
+
+def test_minio_stack_differs_from_the_tested_seaweedfs_stack_only_in_s3(tmp_path: Path) -> None:
+    """tests/compose runs the seaweedfs stack for real; MinIO cannot run here. Same answers
+    otherwise, the two projects must differ only in the s3 service and its endpoint."""
+    from scripts.render_example import render
+
+    models = {}
+    env = None
+    for backend in ("minio", "seaweedfs"):
+        project = render(tmp_path / backend, {"s3_backend": backend})
+        # The same secrets for both (each render generates its own).
+        env = env or (project / ".env").read_text()
+        (project / ".env").write_text(env)
+        assert (project / "Dockerfile").read_text() == (EXAMPLE / "Dockerfile").read_text()
+        model = compose_model(project)
+        s3 = model["services"].pop("s3")
+        assert s3["image"].startswith(("quay.io/minio/", "chrislusf/seaweedfs:"))
+        endpoints = set()
+        for service in [*model["services"].values(), model["x-dagster"]]:
+            endpoints.add((service.get("environment") or {}).pop("S3_ENDPOINT_URL", None))
+        assert endpoints - {None} == {"http://s3:9000" if backend == "minio" else
+                                      "http://s3:8333"}
+        model.pop("name")
+        models[backend] = json.loads(json.dumps(model).replace(str(project), "PROJECT"))
+    assert models["minio"] == models["seaweedfs"]
