@@ -30,6 +30,15 @@ from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
@@ -51,28 +60,51 @@ PRIORITY_LABEL = "priority"
 LEASE_LABEL = "lease_seconds"
 REPLY_LABEL = "reply_to"
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# Failures that pass: reconnect or retry with backoff. Besides lost connections, the replies a
+# healthy deployment gives for a while: READONLY (a failover demoted our primary), LOADING (a
+# restart reads its data), OOM (noeviction and full), MASTERDOWN (a replica lost its primary),
+# NOSCRIPT (a restart forgot our scripts; redis-py reloads them), TRYAGAIN and CLUSTERDOWN.
+REDIS_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ReadOnlyError,
+    BusyLoadingError,
+    OutOfMemoryError,
+    MasterDownError,
+    NoScriptError,
+    TryAgainError,
+    ClusterDownError,
+)
 
 RUN_TASKS = frozenset({TASK_EXECUTE_JOB, TASK_RESUME_JOB})
 STEP, RUN = "step", "run"
 MAX_DELIVERIES = 3  # a step whose worker keeps dying is failed rather than retried forever
+FENCE_CHECK_SECONDS = 0.25
 
-# KEYS: task, zset, wake, seq; ARGV: id, body, score, lease, reply_to, now_ms, deliveries
-_KICK = """
+# Lease deadlines and enqueue times come from the Redis server's clock, never a client's: a
+# host whose clock runs ahead cannot expire every lease in the cluster.
+_NOW_MS = """
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+# KEYS: task, zset, wake, seq; ARGV: id, body, score, lease, reply_to, deliveries
+_KICK = _NOW_MS + """
 local seq = redis.call('INCR', KEYS[4])
 local member = string.format('%015d|', seq) .. ARGV[1]
 redis.call('HSET', KEYS[1], 'body', ARGV[2], 'zset', KEYS[2], 'wake', KEYS[3], 'member', member,
-           'score', ARGV[3], 'lease', ARGV[4], 'reply_to', ARGV[5], 'enqueued_ms', ARGV[6],
-           'redeliver', ARGV[7])
+           'score', ARGV[3], 'lease', ARGV[4], 'reply_to', ARGV[5], 'enqueued_ms', now_ms,
+           'redeliver', ARGV[6])
 redis.call('ZADD', KEYS[2], ARGV[3], member)
 redis.call('RPUSH', KEYS[3], '1')
 redis.call('LTRIM', KEYS[3], -100, -1)
 return seq
 """
 
-# KEYS: leases, queue keys..., wake keys... (same order); ARGV: now_ms, holder, prefix, n_queues
-_CLAIM = """
-local n = tonumber(ARGV[4])
+# KEYS: leases, queue keys..., wake keys... (same order); ARGV: holder, prefix, n_queues
+_CLAIM = _NOW_MS + """
+local n = tonumber(ARGV[3])
 while true do
   local best, best_member, best_score = nil, nil, nil
   for i = 2, n + 1 do
@@ -91,30 +123,30 @@ while true do
   redis.call('ZREM', KEYS[best], best_member)
   if redis.call('ZCARD', KEYS[best]) > 0 then redis.call('RPUSH', KEYS[best + n], '1') end
   local id = string.sub(best_member, 17)
-  local task = ARGV[3] .. ':task:' .. id
+  local task = ARGV[2] .. ':task:' .. id
   local body = redis.call('HGET', task, 'body')
   if body then
     local token = redis.call('HINCRBY', task, 'token', 1)
-    redis.call('HSET', task, 'holder', ARGV[2])
-    local lease = tonumber(redis.call('HGET', task, 'lease'))
-    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + lease * 1000, id)
-    return {id, body, token}
+    redis.call('HSET', task, 'holder', ARGV[1])
+    local lease = redis.call('HGET', task, 'lease')
+    redis.call('ZADD', KEYS[1], now_ms + tonumber(lease) * 1000, id)
+    return {id, body, token, lease}
   end
 end
 """
 
-# KEYS: leases; ARGV: now_ms, holder, prefix, then (id, token) pairs.
+# KEYS: leases; ARGV: holder, prefix, then (id, token) pairs.
 # Returns {lost ids, cancelled ids}: lost = no longer ours (redelivered or acknowledged).
-_HEARTBEAT = """
+_HEARTBEAT = _NOW_MS + """
 local lost, cancelled = {}, {}
-for i = 4, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   local id = ARGV[i]
-  local task = ARGV[3] .. ':task:' .. id
+  local task = ARGV[2] .. ':task:' .. id
   local f = redis.call('HMGET', task, 'holder', 'token', 'lease', 'cancel')
-  if f[1] ~= ARGV[2] or f[2] ~= ARGV[i + 1] then
+  if f[1] ~= ARGV[1] or f[2] ~= ARGV[i + 1] then
     table.insert(lost, id)
   else
-    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(f[3]) * 1000, id)
+    redis.call('ZADD', KEYS[1], now_ms + tonumber(f[3]) * 1000, id)
     if f[4] then table.insert(cancelled, id) end
   end
 end
@@ -137,14 +169,14 @@ return 0
 # (``lost``: its worker died or left, as opposed to the orchestrator revoking it.)
 _REVOKED_REPLY = "cjson.encode({task_id = id, revoked = true, lost = lost, reason = reason})"
 
-# KEYS: leases; ARGV: now_ms, prefix, limit. Expired leases: a step with deliveries left goes
-# back to its queue (same place); anything else is dropped and its waiter told why.
-_REAP = f"""
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+# KEYS: leases; ARGV: prefix, limit. Expired leases: a step with deliveries left goes back to
+# its queue (same place); anything else is dropped and its waiter told why.
+_REAP = _NOW_MS + f"""
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[2]))
 local requeued, dropped = {{}}, {{}}
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
-  local task = ARGV[2] .. ':task:' .. id
+  local task = ARGV[1] .. ':task:' .. id
   local f = redis.call('HMGET', task, 'zset', 'member', 'score', 'cancel', 'holder', 'reply_to',
                        'token', 'redeliver', 'wake', 'released')
   if f[1] then
@@ -241,10 +273,6 @@ def redis_client(url: str, settings: BrokerSettings) -> aioredis.Redis:
     )
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 async def stop_loop(task: asyncio.Task[Any], timeout: float = 5.0) -> None:
     """Stop a background loop that also watches a closing flag. Cancelling alone is not
     enough: redis-py can swallow a cancellation that lands in a read under its socket timeout,
@@ -253,6 +281,30 @@ async def stop_loop(task: asyncio.Task[Any], timeout: float = 5.0) -> None:
     done, _ = await asyncio.wait([task], timeout=timeout)
     if not done:
         logger.warning("A background task did not stop within %.0f s; leaving it.", timeout)
+
+
+def supervise(task: asyncio.Task[Any], what: str,
+              on_crash: Callable[[str, BaseException], None] | None) -> None:
+    """Make a background loop's death loud: a loop that ends with an unexpected error calls
+    ``on_crash`` (a worker then exits non-zero so its supervisor restarts it) instead of
+    leaving a process that looks alive and no longer heartbeats."""
+
+    def done(finished: asyncio.Task[Any]) -> None:
+        if finished.cancelled() or finished.exception() is None:
+            return
+        error = finished.exception()
+        assert error is not None
+        logger.critical("%s stopped with an unexpected error: %r", what, error)
+        if on_crash is not None:
+            on_crash(what, error)
+
+    task.add_done_callback(done)
+
+
+def fence_margin(lease: float) -> float:
+    """How long before its lease runs out a worker stops a task it could not renew: a fifth of
+    the lease, at least 1 s, at most half of it."""
+    return min(max(1.0, lease * 0.2), lease / 2)
 
 
 class Backoff:
@@ -300,9 +352,14 @@ class RedisLeaseBroker(AsyncBroker):
         self.heartbeat_seconds = heartbeat_seconds
         self.on_cancel: Callable[[str], None] | None = None
         self.on_lost: Callable[[str], None] | None = None
+        self.on_crash: Callable[[str, BaseException], None] | None = None
         self._redis: aioredis.Redis | None = None
         self._held: dict[str, int] = {}  # task id -> delivery token, for leases we hold
+        # task id -> (lease seconds, monotonic time before the last claim/heartbeat that
+        # renewed it): the lease runs at least until then + lease, whatever Redis did since.
+        self._renewed: dict[str, tuple[float, float]] = {}
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._fence_task: asyncio.Task[None] | None = None
         self._closing = False
         self._last_reap = 0.0
 
@@ -344,11 +401,17 @@ class RedisLeaseBroker(AsyncBroker):
         await self.ping()
         if self.is_worker_process:
             self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+            self._fence_task = asyncio.create_task(self._fence_loop())
+            for task, what in ((self._heartbeat_task, "lease heartbeat"),
+                               (self._fence_task, "lease fence")):
+                supervise(task, f"The {what} of {self.holder} ({self.kind}s)",
+                          lambda what, error: self.on_crash and self.on_crash(what, error))
 
     async def shutdown(self) -> None:
         self._closing = True
-        if self._heartbeat_task is not None:
-            await stop_loop(self._heartbeat_task)
+        for task in (self._heartbeat_task, self._fence_task):
+            if task is not None:
+                await stop_loop(task)
         await super().shutdown()
         if self._redis is not None:
             await self._redis.aclose()
@@ -387,7 +450,6 @@ class RedisLeaseBroker(AsyncBroker):
                 -priority,
                 lease,
                 str(labels.get(REPLY_LABEL) or ""),
-                _now_ms(),
                 MAX_DELIVERIES if kind == STEP else 1,
             ],
         )
@@ -408,7 +470,7 @@ class RedisLeaseBroker(AsyncBroker):
         that have deliveries left, drop the rest. Returns the requeued ids."""
         self._last_reap = time.monotonic()
         requeued, dropped = await self._run(
-            "reap", [self._key("leases")], [_now_ms(), self.settings.key_prefix, limit]
+            "reap", [self._key("leases")], [self.settings.key_prefix, limit]
         )
         requeued = [i.decode() for i in requeued]
         if requeued:
@@ -437,10 +499,11 @@ class RedisLeaseBroker(AsyncBroker):
                 raise asyncio.CancelledError
             try:
                 await self.reap_if_due()
+                asked = time.monotonic()
                 claimed = await self._run(
                     "claim",
                     [self._key("leases"), *queue_keys, *wake_keys],
-                    [_now_ms(), self.holder, self.settings.key_prefix, len(queue_keys)],
+                    [self.holder, self.settings.key_prefix, len(queue_keys)],
                 )
                 if claimed is None:
                     await self.redis.blpop(wake_keys, timeout=self.block_seconds)
@@ -455,6 +518,7 @@ class RedisLeaseBroker(AsyncBroker):
                 continue
             task_id, body, token = claimed[0].decode(), claimed[1], int(claimed[2])
             self._held[task_id] = token
+            self._renewed[task_id] = (float(claimed[3]), asked)
             yield AckableMessage(data=body, ack=partial(self._ack, task_id, token))
 
     async def release_held(self) -> list[str]:
@@ -467,28 +531,34 @@ class RedisLeaseBroker(AsyncBroker):
             args += [task_id, token]
         released = [i.decode() for i in await self._run("release", [self._key("leases")], args)]
         for task_id in released:
-            self._held.pop(task_id, None)
+            self._forget(task_id)
         return released
 
     async def _ack(self, task_id: str, token: int) -> None:
+        """Acknowledge (delete) a task this process still holds. One it no longer holds (lost
+        to another worker, handed back, or fenced off during an outage) is not ours to delete:
+        its lease runs out and it goes back to its queue."""
         backoff = Backoff()
-        while True:
+        while self._held.get(task_id) == token:
             try:
                 await self._run(
                     "ack",
                     [self._key("leases")],
                     [self.settings.key_prefix, task_id, self.holder, token],
                 )
-                break
+                self._forget(task_id)
+                return
             except REDIS_ERRORS as exc:
                 if self._closing:
                     logger.warning(
                         "Could not acknowledge %s (%s); its lease will expire.", task_id, exc
                     )
-                    break
+                    return
                 await backoff.wait()
-        if self._held.get(task_id) == token:
-            del self._held[task_id]
+
+    def _forget(self, task_id: str) -> None:
+        self._held.pop(task_id, None)
+        self._renewed.pop(task_id, None)
 
     # -- leases -----------------------------------------------------------------------------
     def _heartbeat_interval(self) -> float:
@@ -501,28 +571,60 @@ class RedisLeaseBroker(AsyncBroker):
         held = dict(self._held)
         if not held:
             return [], []
-        args: list[Any] = [_now_ms(), self.holder, self.settings.key_prefix]
+        sent = time.monotonic()
+        args: list[Any] = [self.holder, self.settings.key_prefix]
         for task_id, token in held.items():
             args += [task_id, token]
         lost, cancelled = await self._run("heartbeat", [self._key("leases")], args)
-        return [i.decode() for i in lost], [i.decode() for i in cancelled]
+        lost = [i.decode() for i in lost]
+        for task_id in held.keys() - set(lost):
+            if task_id in self._renewed:
+                self._renewed[task_id] = (self._renewed[task_id][0], sent)
+        return lost, [i.decode() for i in cancelled]
+
+    def _fence(self) -> None:
+        """Stop the tasks whose lease may run out before we can renew it (Redis unreachable,
+        read-only, stalled): past ``lease - margin`` since the last renewal we are sure of,
+        another worker may soon take the task, so ours must stop first. At most one copy runs,
+        however long the outage. Runs are never handed out twice (an expired run is dropped,
+        not redelivered), so their orchestrators ride the outage out instead."""
+        if self.kind != STEP:
+            return
+        now = time.monotonic()
+        for task_id, (lease, renewed) in list(self._renewed.items()):
+            if now - renewed < lease - fence_margin(lease):
+                continue
+            logger.error("Could not renew the lease on task %s for %.1f s (lease %.1f s): "
+                         "stopping it; it goes back to its queue.", task_id, now - renewed, lease)
+            self._forget(task_id)
+            if self.on_lost is not None:
+                self.on_lost(task_id)
+
+    async def _fence_loop(self) -> None:
+        """Checks the leases on its own clock: a heartbeat stuck on a stalled server must not
+        delay the fence."""
+        while not self._closing:
+            await asyncio.sleep(FENCE_CHECK_SECONDS)
+            self._fence()
 
     async def _heartbeat_loop(self) -> None:
-        backoff = Backoff()
+        interval = self._heartbeat_interval()
+        backoff = Backoff(cap=interval)
         while not self._closing:
-            await asyncio.sleep(self._heartbeat_interval())
+            await asyncio.sleep(interval)
             try:
-                lost, cancelled = await self.heartbeat()
+                # Bounded: a stalled server must not hold the fence check up.
+                lost, cancelled = await asyncio.wait_for(self.heartbeat(), 2 * interval + 1)
                 backoff.reset()
-            except REDIS_ERRORS as exc:
-                logger.warning("Heartbeat failed (%s); retrying.", exc)
+            except REDIS_ERRORS as exc:  # TimeoutError (wait_for) is an OSError
+                logger.warning("Heartbeat failed (%r); retrying.", exc)
                 await backoff.wait()
                 continue
             for task_id in lost:
                 logger.error(
                     "Lost the lease on task %s (it was handed to another worker).", task_id
                 )
-                self._held.pop(task_id, None)
+                self._forget(task_id)
                 if self.on_lost is not None:
                     self.on_lost(task_id)
             for task_id in cancelled:

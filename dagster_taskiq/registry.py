@@ -1,9 +1,12 @@
 """The worker registry: who is alive, where, on which queues, doing what (taskiq has no
 control plane, so workers publish themselves in Redis every second).
 
-- ``<prefix>:workers``          sorted set: worker id -> last heartbeat (ms)
+- ``<prefix>:workers``          sorted set: worker id -> last heartbeat (ms, the Redis server's
+  clock, so a worker whose host clock is off is neither dead early nor alive forever); entries
+  older than ``FORGET_AFTER_SECONDS`` are pruned by every heartbeat
 - ``<prefix>:worker:<id>``      hash: name, host, pid, queues, concurrency, started, heartbeat,
-  tasks (JSON), and ``stop`` once someone asked the worker to shut down gracefully.
+  tasks (JSON), and ``stop`` once someone asked the worker to shut down gracefully; it expires
+  once its worker stops heartbeating.
 """
 
 from __future__ import annotations
@@ -16,6 +19,13 @@ from typing import Any
 import redis.asyncio as aioredis
 
 STALE_AFTER_SECONDS = 10.0  # no heartbeat for this long: the worker counts as gone
+FORGET_AFTER_SECONDS = 3600.0  # and its id leaves the registry's sorted set after this long
+
+
+async def server_time(redis: aioredis.Redis) -> float:
+    """The Redis server's clock, in seconds: the one clock every worker and client shares."""
+    seconds, microseconds = await redis.time()
+    return seconds + microseconds / 1_000_000
 
 
 @dataclass
@@ -33,7 +43,8 @@ class WorkerInfo:
 
     @property
     def age(self) -> float:
-        """Seconds since its last heartbeat."""
+        """Seconds since its last heartbeat (``live_workers`` puts ``heartbeat`` on this host's
+        clock)."""
         return max(0.0, time.time() - self.heartbeat)
 
     @classmethod
@@ -63,7 +74,7 @@ def _worker_key(prefix: str, worker_id: str) -> str:
 
 async def publish(redis: aioredis.Redis, prefix: str, info: WorkerInfo) -> bool:
     """Record a heartbeat. Returns True if someone asked this worker to stop."""
-    info.heartbeat = time.time()
+    info.heartbeat = await server_time(redis)
     fields = asdict(info)
     fields.pop("stop_requested")
     fields["queues"] = json.dumps(info.queues)
@@ -73,6 +84,8 @@ async def publish(redis: aioredis.Redis, prefix: str, info: WorkerInfo) -> bool:
         pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
         pipe.expire(key, int(STALE_AFTER_SECONDS * 6))
         pipe.zadd(_workers_key(prefix), {info.id: int(info.heartbeat * 1000)})
+        forget_before = int((info.heartbeat - FORGET_AFTER_SECONDS) * 1000)
+        pipe.zremrangebyscore(_workers_key(prefix), "-inf", forget_before)
         pipe.hexists(key, "stop")
         *_, stop = await pipe.execute()
     return bool(stop)
@@ -88,14 +101,18 @@ async def remove(redis: aioredis.Redis, prefix: str, worker_id: str) -> None:
 async def live_workers(
     redis: aioredis.Redis, prefix: str, stale_after: float = STALE_AFTER_SECONDS
 ) -> list[WorkerInfo]:
-    """Workers that heartbeated within ``stale_after`` seconds, by name."""
-    cutoff = int((time.time() - stale_after) * 1000)
+    """Workers that heartbeated within ``stale_after`` seconds (server time), by name."""
+    now = await server_time(redis)
+    cutoff = int((now - stale_after) * 1000)
     ids = await redis.zrangebyscore(_workers_key(prefix), cutoff, "+inf")
     async with redis.pipeline(transaction=False) as pipe:
         for worker_id in ids:
             pipe.hgetall(_worker_key(prefix, worker_id.decode()))
         hashes = await pipe.execute()
     workers = [WorkerInfo.from_hash(raw) for raw in hashes if raw]
+    skew = time.time() - now  # heartbeats on this host's clock, for ages and display
+    for worker in workers:
+        worker.heartbeat += skew
     return sorted(workers, key=lambda w: (w.name, w.id))
 
 

@@ -35,7 +35,15 @@ from taskiq.receiver import Receiver
 
 from dagster_taskiq import log_mirror
 from dagster_taskiq.app import make_app
-from dagster_taskiq.broker import REDIS_ERRORS, RUN, STEP, Backoff, RedisLeaseBroker, stop_loop
+from dagster_taskiq.broker import (
+    REDIS_ERRORS,
+    RUN,
+    STEP,
+    Backoff,
+    RedisLeaseBroker,
+    stop_loop,
+    supervise,
+)
 from dagster_taskiq.config import DEFAULT_QUEUE, BrokerSettings, mask_url
 from dagster_taskiq.registry import WorkerInfo, publish, remove
 from dagster_taskiq.tasks import StepOutcome, error_outcome
@@ -259,14 +267,25 @@ async def run_worker(options: WorkerOptions) -> None:
     host = socket.gethostname()
     worker_id = f"{options.name}@{host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     runner = ChildProcessRunner()
+    finish = asyncio.Event()
+    hurry = asyncio.Event()
+    crashed: list[str] = []
+
+    def on_crash(what: str, error: BaseException) -> None:
+        # A dead heartbeat or registry loop must not leave a worker that looks alive: stop at
+        # once (tasks still running are handed back) and exit non-zero for the supervisor.
+        logger.critical("%s died (%r): the worker stops so that its supervisor restarts it.",
+                        what, error)
+        crashed.append(what)
+        finish.set()
+        hurry.set()
+
     consumers = [_consumer(options, worker_id, kind, runner) for kind in (STEP, RUN)]
     for consumer in consumers:
+        consumer.on_crash = on_crash
         await consumer.startup()
     info = WorkerInfo(worker_id, options.name, host, os.getpid(), list(options.queues),
                       options.concurrency, time.time())
-
-    finish = asyncio.Event()
-    hurry = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
@@ -286,6 +305,7 @@ async def run_worker(options: WorkerOptions) -> None:
     await publish(consumers[0].redis, options.settings.key_prefix, info)
     closing = asyncio.Event()
     registry = asyncio.create_task(_registry_loop(consumers[0], info, runner, finish, closing))
+    supervise(registry, f"The registry heartbeat of worker {options.name}", on_crash)
     receivers = [
         Receiver(consumer, max_async_tasks=options.concurrency, max_prefetch=0,
                  run_startup=False, ack_type=AcknowledgeType.WHEN_SAVED)
@@ -324,6 +344,12 @@ async def run_worker(options: WorkerOptions) -> None:
         for consumer in consumers:
             await consumer.shutdown()
         logger.info("Worker %s stopped.", options.name)
+    if crashed:
+        raise WorkerCrashed(f"Worker {options.name} stopped because {crashed[0].lower()} died.")
+
+
+class WorkerCrashed(Exception):
+    """A background loop of the worker died: it stopped, and must exit non-zero."""
 
 
 async def _registry_loop(broker: RedisLeaseBroker, info: WorkerInfo,

@@ -24,13 +24,14 @@ CONSUMER = str(Path(__file__).with_name("consumer.py"))
 
 
 class Consumer:
-    def __init__(self, url: str, name: str, queues: str, concurrency: int, log_dir: Path):
+    def __init__(self, url: str, name: str, queues: str, concurrency: int, log_dir: Path,
+                 env: dict[str, str] | None = None):
         self.name = name
         self.log = log_dir / f"{name}.log"
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, CONSUMER, url, name, queues, str(concurrency)],
-                stdout=out, stderr=subprocess.STDOUT, env=worker_env(url),
+                stdout=out, stderr=subprocess.STDOUT, env={**worker_env(url), **(env or {})},
             )
         wait_for(lambda: "consuming" in self.log.read_text() or self.process.poll() is not None,
                  30, f"consumer {name}")
@@ -50,8 +51,9 @@ class Consumer:
 def consumers(broker_url, tmp_path):
     started: list[Consumer] = []
 
-    def _start(name: str, queues: str = "dagster", concurrency: int = 1) -> Consumer:
-        consumer = Consumer(broker_url, name, queues, concurrency, tmp_path)
+    def _start(name: str, queues: str = "dagster", concurrency: int = 1,
+               env: dict[str, str] | None = None) -> Consumer:
+        consumer = Consumer(broker_url, name, queues, concurrency, tmp_path, env)
         started.append(consumer)
         return consumer
 

@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 import click
 import redis.asyncio as aioredis
 import yaml
-from dagster import DagsterInvalidConfigError
 from redis.exceptions import RedisError
 
 from dagster_taskiq.config import DEFAULT_QUEUE, BrokerSettings, mask_url
@@ -102,7 +101,10 @@ def _config_error_text(message: str) -> str:
 
 def validated_config(path: str | None) -> dict[str, Any]:
     """The YAML's executor config, checked against the executor's own schema (so a typo is an
-    error, not a silently ignored key) with ``{env: VAR}`` values resolved."""
+    error, not a silently ignored key) with ``{env: VAR}`` values resolved. Without a YAML the
+    settings come from the environment: nothing to check, and Dagster is not imported."""
+    if not path:
+        return {}
     from dagster._config import process_config
 
     from dagster_taskiq.executor import taskiq_executor
@@ -124,10 +126,14 @@ def settings_from_yaml(path: str | None) -> tuple[BrokerSettings, list[str]]:
         settings = BrokerSettings.from_config(
             config.get("broker"), config.get("backend"), config.get("config_source")
         )
-    except DagsterInvalidConfigError as exc:
-        raise CliError(f"{path or 'configuration'}: {exc}", EXIT_CONFIG) from None
     except (TypeError, ValueError) as exc:  # a config_source value of the wrong kind
         raise CliError(f"{path}: config_source: {exc}", EXIT_CONFIG) from None
+    except Exception as exc:
+        from dagster import DagsterInvalidConfigError
+
+        if isinstance(exc, DagsterInvalidConfigError):
+            raise CliError(f"{path or 'configuration'}: {exc}", EXIT_CONFIG) from None
+        raise
     return settings, list(config.get("include") or [])
 
 
@@ -260,7 +266,7 @@ def start(
 
 def _run_foreground(options: Any, loglevel: str) -> None:
     from dagster_taskiq.broker import BrokerUnavailable
-    from dagster_taskiq.worker import run_worker
+    from dagster_taskiq.worker import WorkerCrashed, run_worker
 
     logging.basicConfig(
         level=loglevel.upper(),
@@ -271,6 +277,8 @@ def _run_foreground(options: Any, loglevel: str) -> None:
         asyncio.run(run_worker(options))
     except BrokerUnavailable as exc:
         raise broker_error(options.settings, exc) from None
+    except WorkerCrashed as exc:
+        raise CliError(str(exc), EXIT_NO_WORKER) from None
 
 
 def _start_detached(options: Any, config_yaml: str | None, includes: Sequence[str],

@@ -8,7 +8,14 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from dagster import DagsterInvalidConfigError
+
+def _invalid_config(message: str, errors: list[Any], value: object) -> Exception:
+    """Dagster's config error, imported only when there is one (commands that just talk to
+    Redis never import Dagster)."""
+    from dagster import DagsterInvalidConfigError
+
+    return DagsterInvalidConfigError(message, errors, value)
+
 
 BROKER_URL_ENV = "DAGSTER_TASKIQ_BROKER_URL"
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
@@ -41,7 +48,7 @@ def validate_redis_url(url: str, what: str) -> str:
     """Raise a clear error unless ``url`` is a Redis URL we can connect to."""
     scheme = urlsplit(url).scheme if "://" in url else ""
     if scheme not in _REDIS_SCHEMES:
-        raise DagsterInvalidConfigError(
+        raise _invalid_config(
             f"Unsupported {what} URL {mask_url(url)!r}: dagster-taskiq needs a Redis URL "
             "(redis://[:password@]host[:port][/db], rediss:// for TLS, or unix:///path).",
             [],
@@ -66,7 +73,8 @@ class BrokerSettings:
     backend_url: str
     task_always_eager: bool = False
     key_prefix: str = "dagster-taskiq"
-    socket_timeout: float = 30.0
+    # Well below a lease (30 s by default): a dead server is noticed while leases still hold.
+    socket_timeout: float = 10.0
     socket_connect_timeout: float = 5.0
     connect_timeout: float = 5.0
     result_ttl_seconds: int = 7 * 24 * 3600
@@ -85,7 +93,7 @@ class BrokerSettings:
         known = {f.name for f in fields(cls)} - {"broker_url", "backend_url"}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise DagsterInvalidConfigError(
+            raise _invalid_config(
                 f"Unknown config_source key(s) {unknown} for the taskiq executor. "
                 f"Supported keys: {sorted(known)}.",
                 [],
@@ -94,7 +102,7 @@ class BrokerSettings:
         settings = cls(broker_url=broker_url, backend_url=backend_url, **options)
         for name in ("socket_timeout", "socket_connect_timeout", "connect_timeout"):
             if not float(getattr(settings, name)) > 0:
-                raise DagsterInvalidConfigError(
+                raise _invalid_config(
                     f"config_source.{name} must be a positive number of seconds.", [], options
                 )
         return settings

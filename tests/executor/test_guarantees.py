@@ -1,0 +1,203 @@
+"""Guarantees under faults, each injected against real processes and a real redis-server:
+skewed clocks (Debian's ``faketime``), a primary demoted to a read-only replica (``REPLICAOF``),
+and a worker whose background loop dies. The invariant is always the same: a task runs once at
+a time, and nothing is left running that no longer heartbeats."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import start_redis, wait_for
+from tests.executor.conftest import run_config, worker_env
+from tests.executor.test_broker import client, consumers, trace  # noqa: F401 (fixtures)
+from tests.executor.test_faults import _run_in_thread, _starts, _worker_running
+
+# Debian's libfaketime, preloaded directly: the `faketime` command forks, so a signal meant
+# for the skewed process would stop only the wrapper and leave the process running.
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+needs_faketime = pytest.mark.skipif(
+    not LIBFAKETIME.exists(), reason="Debian's faketime is not installed (.ci/run installs it)")
+
+
+def skewed(offset: str) -> dict[str, str]:
+    """Environment that moves a process's wall clock by ``offset`` (``+1h``, ``-1h``). Monotonic
+    time stays real (faketime 0.9.10 otherwise hangs Python's timed waits)."""
+    return {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": offset,
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+def run_skewed(offset: str, broker_url: str, code: str) -> str:
+    """Run ``code`` (asyncio, with ``broker`` a client of ours) in a process whose clock is
+    ``offset`` away; returns what it printed."""
+    script = (
+        "import asyncio\n"
+        "from dagster_taskiq.broker import RedisLeaseBroker\n"
+        "from dagster_taskiq.config import BrokerSettings\n"
+        "async def main():\n"
+        f"    broker = RedisLeaseBroker(BrokerSettings.from_config({broker_url!r}))\n"
+        "    try:\n"
+        + "".join(f"        {line}\n" for line in code.strip().splitlines())
+        + "    finally:\n"
+        "        await broker.shutdown()\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script],
+                            env={**worker_env(broker_url), **skewed(offset)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@needs_faketime
+def test_a_client_whose_clock_runs_ahead_expires_no_lease(client, consumers, broker_url):  # noqa: F811
+    """Lease deadlines are the server's: a reaper an hour ahead finds nothing expired while the
+    holder heartbeats (with client clocks it requeued the task, and a second consumer ran it)."""
+    consumers("holder")
+    client.send("slow", seconds=12, lease=2.0)  # still running when the skewed reaper comes
+    wait_for(lambda: "start:slow:holder" in trace(broker_url), 20, "the holder to start")
+    consumers("other")
+    assert trace(broker_url) == ["start:slow:holder"]
+    reaped = run_skewed("+1h", broker_url, """
+requeued = []
+for _ in range(10):
+    requeued += await broker.reap()
+    await asyncio.sleep(0.1)
+print(requeued)
+""")
+    assert trace(broker_url) == ["start:slow:holder"], "ran twice, or ended before the reaper"
+    assert reaped.strip() == "[]"
+    assert [r.result.return_value for r in client.replies(1, timeout=30)] == ["slow"]
+    time.sleep(1.0)  # a duplicate would have started by now
+    assert trace(broker_url) == ["start:slow:holder", "end:slow:holder"]
+
+
+@needs_faketime
+def test_a_consumer_whose_clock_runs_behind_keeps_its_lease(client, consumers, broker_url):  # noqa: F811
+    """A consumer an hour behind claims and heartbeats with deadlines on the server's clock
+    (with its own clock, every deadline it set was an hour in the past: the task was requeued
+    at once and ran twice)."""
+    consumers("behind", env=skewed("-1h"))
+    client.send("slow", seconds=3, lease=2.0)
+    wait_for(lambda: "start:slow:behind" in trace(broker_url), 20, "the skewed consumer")
+    consumers("other")
+    server = redis.Redis.from_url(broker_url)
+    now_ms = server.time()[0] * 1000
+    deadlines = [score for _, score in server.zrange("dagster-taskiq:leases", 0, -1,
+                                                     withscores=True)]
+    assert deadlines and all(now_ms < d <= now_ms + 3000 for d in deadlines), deadlines
+    assert [r.result.return_value for r in client.replies(1, timeout=20)] == ["slow"]
+    time.sleep(1.0)
+    assert trace(broker_url) == ["start:slow:behind", "end:slow:behind"]
+
+
+@needs_faketime
+def test_a_worker_whose_clock_runs_behind_is_live_in_the_registry(broker_url):
+    run_skewed("-1h", broker_url, """
+from dagster_taskiq.registry import WorkerInfo, publish
+await publish(broker.redis, "dagster-taskiq", WorkerInfo("w@h:1", "behind", "h", 1, ["q"], 1, 0.0))
+""")
+    listed = run_skewed("+0", broker_url, """
+from dagster_taskiq.registry import live_workers
+print([w.name for w in await live_workers(broker.redis, "dagster-taskiq")])
+""")
+    assert listed.strip() == "['behind']"
+
+
+def test_a_read_only_window_shorter_than_the_lease_runs_nothing_twice(client, consumers,  # noqa: F811
+                                                                       broker_url):
+    """Redis demoted to a replica (as in a failover) answers READONLY to every write for a
+    while. Heartbeats, claims and replies retry through it: the holder keeps its lease, the
+    other consumer does not die, and the task runs once (before, the heartbeat loop died on the
+    first READONLY, the lease ran out and the task ran a second time)."""
+    holder = consumers("holder")
+    client.send("slow", seconds=5, lease=4.0)
+    wait_for(lambda: "start:slow:holder" in trace(broker_url), 20, "the holder to start")
+    other = consumers("other")
+    server = redis.Redis.from_url(broker_url)
+    server.execute_command("REPLICAOF", "127.0.0.1", "1")  # a primary that never answers
+    try:
+        time.sleep(1.5)
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            server.set("probe", "1")
+    finally:
+        server.execute_command("REPLICAOF", "NO", "ONE")
+    assert [r.result.return_value for r in client.replies(1, timeout=20)] == ["slow"]
+    time.sleep(4.5)  # past the lease: a duplicate would have started by now
+    assert trace(broker_url) == ["start:slow:holder", "end:slow:holder"]
+    assert holder.process.poll() is None and other.process.poll() is None
+    # Both still take work.
+    client.send("after")
+    assert [r.result.return_value for r in client.replies(1, timeout=20)] == ["after"]
+
+
+def test_a_worker_whose_registry_loop_dies_exits_non_zero(start_worker, broker_url):
+    """A background loop that dies of an unexpected error stops the worker (exit 1, saying
+    which loop) instead of leaving a process that looks alive and is gone from the registry."""
+    worker = start_worker(name="doomed")
+    server = redis.Redis.from_url(broker_url)
+    server.delete("dagster-taskiq:workers")
+    server.set("dagster-taskiq:workers", "not a sorted set")  # WRONGTYPE for the next ZADD
+    try:
+        worker.process.wait(30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker lives on without its registry loop:\n{worker.output()[-3000:]}")
+    finally:
+        server.delete("dagster-taskiq:workers")
+    assert worker.process.returncode == 1
+    assert "registry heartbeat of worker doomed" in worker.output()
+
+
+
+def test_a_worker_cut_off_from_redis_stops_its_step_before_the_lease_runs_out(
+        start_worker, instance, io_dir, tmp_path):
+    """Redis stalls (SIGSTOP) for longer than the lease: the worker holding a step cannot renew
+    it, so it kills the step's process before the lease can run out (another worker may take
+    the step then). Once Redis answers again the step runs again, once, and the run succeeds.
+    Before, the worker's heartbeat hung on the stalled socket and its step ran on."""
+    server = start_redis(tmp_path)
+    try:
+        url = server.url()
+        workers = [start_worker(name=name, broker=url) for name in ("one", "two")]
+        config = run_config(io_dir, url, worker_heartbeat_timeout=3.0)
+        config["ops"] = {"slow_0": {"config": {"seconds": 8.0}}}
+        out: list = []
+        thread = _run_in_thread("slow_chain_job", config, out)
+        wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
+        holder = next(w for w in workers if w.name == _worker_running(instance, "slow_0"))
+        child = int(re.findall(r"\(child (\d+)\)", holder.output())[-1])
+        assert _alive(child)
+        server.process.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            # The lease (3 s) ran from at most 1 s before the stall; the fence acts 1 s early.
+            wait_for(lambda: not _alive(child), 3.0, "the worker to stop its step")
+            fenced_after = time.monotonic() - stopped
+            time.sleep(2.0)  # Redis stays away past the lease
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert fenced_after < 3.0
+        thread.join(120)
+        assert out and out[0].success
+        assert len(_starts(instance, "slow_0")) == 2, "the step ran again, once, after the stall"
+        assert "Could not renew the lease on task" in holder.output()
+        assert all(w.process.poll() is None for w in workers), "the workers live on"
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        server.process.terminate()
+        server.process.wait(10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
