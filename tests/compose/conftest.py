@@ -22,6 +22,19 @@ import pytest
 from tests.template.conftest import compose_binary, project_env
 
 REQUIRE_ENV = "DAGSTER_TASKIQ_REQUIRE_DOCKER"
+# What the stacks did and how long it took: printed at the end of the run (CI's output too).
+NOTES: list[str] = []
+
+
+def note(message: str) -> None:
+    NOTES.append(message)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if NOTES:
+        terminalreporter.section("compose stack")
+        for line in NOTES:
+            terminalreporter.write_line(line)
 
 
 def _engine_problem() -> str | None:
@@ -150,7 +163,11 @@ def standin_images(docker_engine: str) -> Iterator[dict[str, str]]:
     """Every third-party image the stacks pin, pulled or built as a local stand-in."""
     from tests.compose.standins import ensure_images
 
-    yield ensure_images("3.12")
+    started = time.monotonic()
+    images = ensure_images("3.12", log=lambda line: None)
+    note(f"images in {time.monotonic() - started:.0f} s: "
+         + ", ".join(f"{name} {how}" for name, how in images.items()))
+    yield images
 
 
 def services_of(containers: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

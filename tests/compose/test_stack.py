@@ -30,6 +30,7 @@ from scripts.render_example import render
 from tests.compose.conftest import (
     Stack,
     docker,
+    note,
     project_resources,
     services_of,
     set_env,
@@ -53,10 +54,6 @@ LIST_BUCKET = (
     "p = c.get_paginator('list_objects_v2').paginate(Bucket=os.environ['S3_BUCKET']); "
     "print(json.dumps([o['Key'] for page in p for o in page.get('Contents', [])]))"
 )
-
-
-def note(message: str) -> None:
-    print(f"[compose] {message}", file=sys.stderr)
 
 
 def docker_bridge_ip() -> str:

@@ -10,6 +10,7 @@ import pytest
 from dagster import DagsterEventType
 
 from dagster_taskiq.log_mirror import tail_on_thread
+from tests.conftest import wait_for
 from tests.executor.conftest import execute_test_job, run_config
 
 
@@ -33,11 +34,12 @@ def test_step_output_is_captured_and_mirrored_without_helper_processes(
                  "chatty-last"):
         assert line in stdout
     assert "chatty-err-0" in stderr and "chatty-out-0" not in stderr
-    # The worker's own output carries the same lines, the last one included.
-    output = worker.output()
-    for line in ("chatty-out-0", "chatty-err-0", "chatty-subprocess", "x" * 200_000,
-                 "chatty-last"):
-        assert line in output
+    # The worker's own output carries the same lines, the last one included. The worker
+    # answers as soon as the step's process has sent its result; that process copies the last
+    # of its output on its way out, moments later.
+    lines = ("chatty-out-0", "chatty-err-0", "chatty-subprocess", "x" * 200_000, "chatty-last")
+    wait_for(lambda: all(line in worker.output() for line in lines), 10,
+             "every line in the worker's output")
 
 
 def test_tail_on_thread_copies_everything_written_until_exit(tmp_path):
