@@ -174,7 +174,7 @@ def core_taskiq_execution_loop(
                     active_execution.mark_interrupted()
                     client.revoke(list(in_flight))
 
-                if not stopping and not step_errors:
+                if not stopping:
                     for step in active_execution.get_steps_to_execute():
                         key, queue = step.key, queue_of[step.key]
                         step_context = plan_context.for_step(step)
@@ -289,20 +289,37 @@ def _handle_reply(
         return
     if reply.result.is_err:
         error = reply.result.error
-        step_errors[key] = SerializableErrorInfo(
+        info = SerializableErrorInfo(
             message=f"{type(error).__name__}: {error}", stack=[], cls_name=type(error).__name__
         )
+        step_errors[key] = info
+        yield from _fail_step(executor, step_context(), active_execution,
+                              f'The taskiq worker could not run step "{key}": {info.message}',
+                              info)
         return
     outcome = reply.result.return_value
+    settled = False  # the step's own events already ended this attempt
     for serialized in outcome["events"]:
         event = deserialize_value(serialized, DagsterEvent)
         yield event
         active_execution.handle_event(event)
+        if event.step_key == key and (event.is_step_success or event.is_step_failure
+                                      or event.is_step_up_for_retry):
+            settled = True
+            if event.is_step_success:
+                step_errors.pop(key, None)  # an earlier attempt's worker error is moot
     if outcome["error"] is None:
         return
     error = deserialize_value(outcome["error"], SerializableErrorInfo)
     if not outcome["crashed"]:
+        # An error in the worker outside the step's own handling (its code not importable
+        # there, the instance unreachable...): a step failure that retry policies see, with
+        # the error in the event log, and DagsterSubprocessError at the end if it stays.
         step_errors[key] = error
+        if not settled:
+            yield from _fail_step(
+                executor, step_context(), active_execution,
+                f'The taskiq worker could not run step "{key}": {error.message.strip()}', error)
         return
     # The step's process died: fail the step (retry policies apply), keep the run going.
     message = get_run_crash_explanation(

@@ -201,3 +201,54 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+JOB_ONLY_HERE = '''
+from dagster import job, op
+from dagster_taskiq import taskiq_executor
+
+
+@op
+def here() -> int:
+    return 1
+
+
+@op
+def also_here() -> int:
+    return 2
+
+
+@job(executor_def=taskiq_executor)
+def only_here_job():
+    here()
+    also_here()
+'''
+
+
+def test_a_worker_that_cannot_import_the_job_fails_its_steps_visibly(
+        start_worker, instance, io_dir, broker_url, tmp_path, monkeypatch):
+    """The orchestrator can import the job; the worker cannot. Each step fails (a failure that
+    retry policies see, with the ModuleNotFoundError in the event log and in the worker's log)
+    and the run ends. Before, the first error stopped all submission while the loop spun on,
+    and the run died with "unknown state", the ModuleNotFoundError shown nowhere."""
+    from dagster import DagsterEventType, execute_job
+    from dagster._core.definitions.reconstruct import ReconstructableJob
+
+    package = tmp_path / "orchestrator_only"
+    package.mkdir()
+    (package / "only_here_jobs.py").write_text(JOB_ONLY_HERE)
+    # Appended (Dagster drops sys.path[0] while importing); the worker's PYTHONPATH lacks it.
+    monkeypatch.setattr(sys, "path", [*sys.path, str(package)])
+    worker = start_worker()
+    started = time.monotonic()
+    with execute_job(ReconstructableJob.for_module("only_here_jobs", "only_here_job"),
+                     instance=instance, run_config=run_config(io_dir, broker_url)) as result:
+        assert not result.success
+        run_id = result.run_id
+    assert time.monotonic() - started < 60
+    failures = instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE)
+    assert sorted(r.step_key for r in failures) == ["also_here", "here"], "both steps ran"
+    for record in failures:
+        error = record.dagster_event.step_failure_data.error
+        assert "ModuleNotFoundError" in error.to_string() and "only_here_jobs" in error.to_string()
+    assert "ModuleNotFoundError: No module named 'only_here_jobs'" in worker.output()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import importlib
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -42,6 +43,8 @@ from taskiq import AsyncBroker, Context, TaskiqDepends
 from dagster_taskiq.config import TASK_EXECUTE_JOB, TASK_EXECUTE_PLAN, TASK_RESUME_JOB
 
 QUEUE_WAIT_MARKER = "taskiq_queue_wait"
+
+logger = logging.getLogger("dagster_taskiq.tasks")
 
 T = TypeVar("T")
 
@@ -247,6 +250,9 @@ async def execute_plan(
     try:
         step = await runner.prepare(lambda: prepare_step(step_args, job_pointer, worker))
     except Exception:
+        # Said here too: the orchestrator records it as the step's failure, but whoever
+        # looks at this worker (its code or environment is what is wrong) sees it first.
+        logger.exception("Task %s: could not prepare its step.", context.message.task_id)
         return error_outcome()
     keys = ", ".join(step.args.step_keys_to_execute or [])
     return await runner.run(context.message.task_id, step.execute, f"step {keys} of run "
