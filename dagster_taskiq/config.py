@@ -44,6 +44,19 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+def same_redis_database(first: str, second: str) -> bool:
+    """Whether two Redis URLs name the same server and database (credentials aside)."""
+
+    def where(url: str) -> tuple[str, str | None, int | None, str]:
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            return ("unix", None, None, parts.path)
+        db = parts.path.strip("/") or "0"
+        return (parts.scheme, parts.hostname, parts.port or 6379, db)
+
+    return where(first) == where(second)
+
+
 def validate_redis_url(url: str, what: str) -> str:
     """Raise a clear error unless ``url`` is a Redis URL we can connect to."""
     scheme = urlsplit(url).scheme if "://" in url else ""
@@ -89,6 +102,17 @@ class BrokerSettings:
     ) -> BrokerSettings:
         broker_url = validate_redis_url(broker or default_broker_url(), "broker")
         backend_url = validate_redis_url(backend or broker_url, "backend")
+        if not same_redis_database(broker_url, backend_url):
+            # One reply path: a lost or revoked task's reply is written by the broker's own
+            # scripts, atomically with the task's state, so results live beside the queues.
+            raise _invalid_config(
+                f"backend {mask_url(backend_url)!r} is not the broker's Redis database "
+                f"({mask_url(broker_url)!r}): dagster-taskiq keeps results beside the queues, in "
+                "the broker's database, so that a lost worker's reply is written together with "
+                "its task's state. Drop `backend` (or set it to the broker's URL).",
+                [],
+                backend_url,
+            )
         options = dict(config_source or {})
         known = {f.name for f in fields(cls)} - {"broker_url", "backend_url"}
         unknown = sorted(set(options) - known)

@@ -51,14 +51,14 @@ def test_full_yaml(tmp_path: Path) -> None:
 execution:
   config:
     broker: redis://:pw@broker:6379/0
-    backend: redis://results:6379/1
+    backend: redis://:pw@broker/0
     include: [my_project.ops]
     default_queue: short
     retries: {enabled: {}}
     config_source: {key_prefix: team-a, connect_timeout: 2.5}
 """))
     assert settings.broker_url == "redis://:pw@broker:6379/0"
-    assert settings.backend_url == "redis://results:6379/1"
+    assert settings.backend_url == "redis://:pw@broker/0"  # the same database, written otherwise
     assert (settings.key_prefix, settings.connect_timeout) == ("team-a", 2.5)
     assert includes == ["my_project.ops"]
 
@@ -72,7 +72,7 @@ def test_legacy_shape(tmp_path: Path) -> None:
 
 def test_env_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_BROKER", "redis://from-env:6379/4")
-    monkeypatch.setenv("MY_BACKEND", "redis://results-env:6379/5")
+    monkeypatch.setenv("MY_BACKEND", "redis://from-env:6379/4")
     settings, _ = settings_from_yaml(write(tmp_path, """
 execution:
   config:
@@ -80,7 +80,7 @@ execution:
     backend: {env: MY_BACKEND}
 """))
     assert settings.broker_url == "redis://from-env:6379/4"
-    assert settings.backend_url == "redis://results-env:6379/5"
+    assert settings.backend_url == "redis://from-env:6379/4"
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -103,3 +103,24 @@ def test_bad_config_is_a_clear_config_error(tmp_path: Path, text: str, expected:
     assert expected in message
     assert "hunter2" not in message and "Traceback" not in message
     assert raised.value.exit_code == EXIT_CONFIG
+
+
+@pytest.mark.parametrize("backend", [
+    "redis://:pw@broker:6379/1",        # another database of the same server
+    "redis://:pw@results:6379/0",       # another server
+    "rediss://:pw@broker:6379/0",       # another scheme
+])
+def test_a_backend_other_than_the_brokers_database_is_refused(tmp_path: Path,
+                                                              backend: str) -> None:
+    """One reply path: lost and revoked replies are written by the broker's scripts, beside
+    the task's state, so results cannot live anywhere else (before, terminate and lost-worker
+    recovery hung when `backend` named another database)."""
+    with pytest.raises(CliError, match="is not the broker's Redis database") as caught:
+        settings_from_yaml(write(tmp_path, f"""
+execution:
+  config:
+    broker: redis://:pw@broker:6379/0
+    backend: {backend}
+"""))
+    assert "pw" not in str(caught.value)
+    assert "Drop `backend`" in str(caught.value)
