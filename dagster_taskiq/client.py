@@ -9,6 +9,7 @@ broker never hangs one.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -60,9 +61,9 @@ class TaskiqClient:
              task_id: str | None = None) -> str:
         task = self.broker.find_task(task_name)
         assert task is not None, f"{task_name} is registered by make_app"
-        kicker = task.kicker().with_labels(**labels)
-        if task_id is not None:
-            kicker = kicker.with_task_id(task_id)
+        # The id is fixed before the first attempt: a retry after a lost reply sends the same
+        # task again, which the broker ignores, instead of a second copy.
+        kicker = task.kicker().with_labels(**labels).with_task_id(task_id or uuid.uuid4().hex)
 
         async def kick() -> str:
             return (await kicker.kiq(*args)).task_id

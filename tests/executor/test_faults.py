@@ -146,13 +146,16 @@ def test_graceful_stop_hands_a_long_step_back_at_once(start_worker, instance, io
                                                       broker_url):
     """SIGTERM: the worker waits up to --shutdown-timeout, then hands the running step back to
     its queue (no lease expiry needed) and exits; another worker runs it."""
-    leaving = start_worker(name="leaving", args=["--shutdown-timeout", "1"])
+    # Both workers are up first, so the stop lands early in the step (a worker's start takes
+    # seconds under load); the one that took the step is stopped.
+    workers = {name: start_worker(name=name, args=["--shutdown-timeout", "1"])
+               for name in ("first", "second")}
     config = run_config(io_dir, broker_url)  # default 30 s heartbeat timeout: not the path here
     config["ops"] = {"slow_0": {"config": {"seconds": 6.0}}}
     out: list = []
     thread = _run_in_thread("slow_chain_job", config, out)
     wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
-    start_worker(name="staying")
+    leaving = workers[_worker_running(instance, "slow_0")]
     stopped = time.monotonic()
     assert leaving.stop() == 0
     assert time.monotonic() - stopped < 10
@@ -161,3 +164,4 @@ def test_graceful_stop_hands_a_long_step_back_at_once(start_worker, instance, io
     thread.join(90)
     assert out and out[0].success
     assert "Handing 1 unfinished task(s) back" in leaving.output()
+    assert _worker_running(instance, "slow_0") != leaving.name

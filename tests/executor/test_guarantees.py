@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from dagster_taskiq.broker import LEASE_LABEL, PRIORITY_LABEL, QUEUE_LABEL, REPLY_LABEL
 from tests.conftest import start_redis, wait_for
 from tests.executor.conftest import run_config, worker_env
 from tests.executor.test_broker import client, consumers, trace  # noqa: F401 (fixtures)
@@ -252,3 +253,39 @@ def test_a_worker_that_cannot_import_the_job_fails_its_steps_visibly(
         error = record.dagster_event.step_failure_data.error
         assert "ModuleNotFoundError" in error.to_string() and "only_here_jobs" in error.to_string()
     assert "ModuleNotFoundError: No module named 'only_here_jobs'" in worker.output()
+
+
+def test_submitting_the_same_task_twice_queues_it_once(client, consumers, broker_url):  # noqa: F811
+    """A submit retried after its reply was lost sends the same task id: the broker keeps one
+    copy (before, each retry queued another, and two consumers could run both)."""
+    task = client.broker.find_task("record")
+    labels = {QUEUE_LABEL: "dagster", PRIORITY_LABEL: 0, LEASE_LABEL: 30.0,
+              REPLY_LABEL: client.reply_to}
+    for _ in range(3):
+        client.loop.run_until_complete(
+            task.kicker().with_labels(**labels).with_task_id("fixed-id").kiq("once", 0.5))
+    server = redis.Redis.from_url(broker_url)
+    assert server.zcard("dagster-taskiq:queue:dagster") == 1
+    consumers("a", concurrency=2)
+    consumers("b", concurrency=2)
+    assert [r.task_id for r in client.replies(1, timeout=20)] == ["fixed-id"]
+    time.sleep(1.0)
+    starts = [e for e in trace(broker_url) if e.startswith("start:")]
+    assert starts in (["start:once:a"], ["start:once:b"]), starts
+
+
+def test_a_claim_whose_reply_was_lost_gets_the_same_task_back(client, broker_url):  # noqa: F811
+    """A consumer retries a claim (same claim key) after losing its reply: it gets the task it
+    had already been given, same delivery, instead of leaving it to expire (which cost a step
+    a delivery and dropped a run)."""
+    sent = client.send("claimed")
+    broker = client.broker
+    claim = ["dagster-taskiq:leases", "dagster-taskiq:queue:dagster",
+             "dagster-taskiq:wake:dagster", "dagster-taskiq:claim:attempt-1"]
+    args = ["consumer-x", "dagster-taskiq", 1]
+    first = client.loop.run_until_complete(broker._run("claim", claim, args))
+    again = client.loop.run_until_complete(broker._run("claim", claim, args))
+    assert first[0].decode() == sent and again[0].decode() == sent
+    assert first[2] == again[2] == 1, "the same delivery, not a second one"
+    other = [*claim[:-1], "dagster-taskiq:claim:attempt-2"]
+    assert client.loop.run_until_complete(broker._run("claim", other, args)) is None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -89,8 +90,11 @@ local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# KEYS: task, zset, wake, seq; ARGV: id, body, score, lease, reply_to, deliveries
+# KEYS: task, zset, wake, seq; ARGV: id, body, score, lease, reply_to, deliveries.
+# Idempotent: a task id that exists already (a retried submit whose first reply was lost) is
+# left as it is. Returns the sequence number, or 0 for such a repeat.
 _KICK = _NOW_MS + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local seq = redis.call('INCR', KEYS[4])
 local member = string.format('%015d|', seq) .. ARGV[1]
 redis.call('HSET', KEYS[1], 'body', ARGV[2], 'zset', KEYS[2], 'wake', KEYS[3], 'member', member,
@@ -102,9 +106,19 @@ redis.call('LTRIM', KEYS[3], -100, -1)
 return seq
 """
 
-# KEYS: leases, queue keys..., wake keys... (same order); ARGV: holder, prefix, n_queues
+# KEYS: leases, queue keys..., wake keys... (same order), claim; ARGV: holder, prefix, n_queues.
+# ``claim`` is a key named by the consumer for this claim, kept for a minute, recording what it
+# got: a retry after a lost reply gets the same task back (still leased to us) instead of
+# leaving it to expire, which cost a step one of its deliveries and dropped a run.
 _CLAIM = _NOW_MS + """
 local n = tonumber(ARGV[3])
+local claim = KEYS[2 * n + 2]
+local prior = redis.call('GET', claim)
+if prior then
+  local task = ARGV[2] .. ':task:' .. prior
+  local f = redis.call('HMGET', task, 'holder', 'body', 'token', 'lease')
+  if f[1] == ARGV[1] then return {prior, f[2], tonumber(f[3]), f[4]} end
+end
 while true do
   local best, best_member, best_score = nil, nil, nil
   for i = 2, n + 1 do
@@ -130,6 +144,7 @@ while true do
     redis.call('HSET', task, 'holder', ARGV[1])
     local lease = redis.call('HGET', task, 'lease')
     redis.call('ZADD', KEYS[1], now_ms + tonumber(lease) * 1000, id)
+    redis.call('SET', claim, id, 'EX', 60)
     return {id, body, token, lease}
   end
 end
@@ -490,6 +505,7 @@ class RedisLeaseBroker(AsyncBroker):
         queue_keys = [self.queue_key(q, self.kind) for q in self.queues]
         wake_keys = [self._wake_key(q, self.kind) for q in self.queues]
         backoff = Backoff()
+        claim_id, asked = uuid.uuid4().hex, 0.0
         while not self._closing:
             # redis-py can swallow a cancellation that lands inside a blocking read under its
             # socket timeout; the request stays visible on the task driving us (the receiver
@@ -499,12 +515,15 @@ class RedisLeaseBroker(AsyncBroker):
                 raise asyncio.CancelledError
             try:
                 await self.reap_if_due()
-                asked = time.monotonic()
+                # From the first attempt of this claim: a retry may return what that one got.
+                asked = asked or time.monotonic()
                 claimed = await self._run(
                     "claim",
-                    [self._key("leases"), *queue_keys, *wake_keys],
+                    [self._key("leases"), *queue_keys, *wake_keys, self._key("claim", claim_id)],
                     [self.holder, self.settings.key_prefix, len(queue_keys)],
                 )
+                claim_id, claim_asked = uuid.uuid4().hex, asked  # a failed claim is retried as is
+                asked = 0.0
                 if claimed is None:
                     await self.redis.blpop(wake_keys, timeout=self.block_seconds)
                     backoff.reset()
@@ -518,7 +537,7 @@ class RedisLeaseBroker(AsyncBroker):
                 continue
             task_id, body, token = claimed[0].decode(), claimed[1], int(claimed[2])
             self._held[task_id] = token
-            self._renewed[task_id] = (float(claimed[3]), asked)
+            self._renewed[task_id] = (float(claimed[3]), claim_asked)
             yield AckableMessage(data=body, ack=partial(self._ack, task_id, token))
 
     async def release_held(self) -> list[str]:
