@@ -183,6 +183,9 @@ return 0
 # A reply that tells the orchestrator a task will never produce a result.
 # (``lost``: its worker died or left, as opposed to the orchestrator revoking it.)
 _REVOKED_REPLY = "cjson.encode({task_id = id, revoked = true, lost = lost, reason = reason})"
+# A reply list outlives its run only by this much: its orchestrator deletes it when done, and a
+# script may re-create it after that (a late revoke or lost worker), so it must expire.
+REPLY_TTL_SECONDS = 24 * 3600
 
 # KEYS: leases; ARGV: prefix, limit. Expired leases: a step with deliveries left goes back to
 # its queue (same place); anything else is dropped and its waiter told why.
@@ -203,6 +206,7 @@ for _, id in ipairs(ids) do
         local lost = not f[4]
         if f[4] then reason = 'it was cancelled and ' .. reason end
         redis.call('RPUSH', f[6], {_REVOKED_REPLY})
+        redis.call('EXPIRE', f[6], {REPLY_TTL_SECONDS})
       end
       table.insert(dropped, id)
     else
@@ -240,6 +244,7 @@ for i = 3, #ARGV, 2 do
         local reason = 'its worker ' .. ARGV[2] .. ' shut down while running it'
         local lost = true
         redis.call('RPUSH', f[8], {_REVOKED_REPLY})
+        redis.call('EXPIRE', f[8], {REPLY_TTL_SECONDS})
       end
     end
     table.insert(released, id)
@@ -264,6 +269,7 @@ for i = 2, #ARGV do
       local reason = 'revoked while queued'
       local lost = false
       redis.call('RPUSH', f[4], {_REVOKED_REPLY})
+        redis.call('EXPIRE', f[4], {REPLY_TTL_SECONDS})
     end
     table.insert(states, 'dropped')
   else

@@ -289,3 +289,17 @@ def test_a_claim_whose_reply_was_lost_gets_the_same_task_back(client, broker_url
     assert first[2] == again[2] == 1, "the same delivery, not a second one"
     other = [*claim[:-1], "dagster-taskiq:claim:attempt-2"]
     assert client.loop.run_until_complete(broker._run("claim", other, args)) is None
+
+
+def test_a_reply_list_recreated_after_its_run_expires(client, broker_url):  # noqa: F811
+    """A late revoke (or a lost worker) re-creates a run's reply list after its orchestrator
+    deleted it: the list expires instead of staying forever."""
+    client.send("never-run")
+    server = redis.Redis.from_url(broker_url)
+    server.delete(client.reply_to)  # the orchestrator is done and cleaned up
+    task_ids = [m.decode().split("|", 1)[1]
+                for m in server.zrange("dagster-taskiq:queue:dagster", 0, -1)]
+    states = client.loop.run_until_complete(client.broker.revoke(task_ids))
+    assert list(states.values()) == ["dropped"]
+    assert server.llen(client.reply_to) == 1
+    assert 0 < server.ttl(client.reply_to) <= 24 * 3600
