@@ -5,6 +5,7 @@ a time, and nothing is left running that no longer heartbeats."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import redis
 
 from dagster_taskiq.broker import LEASE_LABEL, PRIORITY_LABEL, QUEUE_LABEL, REPLY_LABEL
 from tests.conftest import start_redis, wait_for
-from tests.executor.conftest import run_config, worker_env
+from tests.executor.conftest import REPO_FILE, run_config, worker_env
 from tests.executor.test_broker import client, consumers, trace  # noqa: F401 (fixtures)
 from tests.executor.test_faults import _run_in_thread, _starts, _worker_running
 
@@ -303,3 +304,40 @@ def test_a_reply_list_recreated_after_its_run_expires(client, broker_url):  # no
     assert list(states.values()) == ["dropped"]
     assert server.llen(client.reply_to) == 1
     assert 0 < server.ttl(client.reply_to) <= 24 * 3600
+
+
+def test_a_step_left_queued_by_a_dead_orchestrator_never_runs_into_its_ended_run(
+        start_worker, instance, io_dir, broker_url):
+    """The orchestrator dies with a step queued (no worker yet); run monitoring fails the run.
+    A worker that starts later takes the step and does not run it (before, it ran into the
+    failed run, however late)."""
+    from dagster import DagsterEventType
+
+    script = (
+        "import json, sys\n"
+        "from dagster import DagsterInstance, execute_job\n"
+        "from dagster._core.definitions.reconstruct import ReconstructableJob\n"
+        "with DagsterInstance.get() as instance:\n"
+        "    execute_job(ReconstructableJob.for_file(sys.argv[1], 'slow_chain_job'),\n"
+        "                instance=instance, run_config=json.loads(sys.argv[2]))\n"
+    )
+    config = run_config(io_dir, broker_url)
+    orchestrator = subprocess.Popen(
+        [sys.executable, "-c", script, REPO_FILE, json.dumps(config)],
+        env=worker_env(broker_url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def submitted() -> list:
+            return [r for run in instance.get_runs()
+                    for r in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+                    if "Submitting taskiq task" in (r.dagster_event.message or "")]
+        wait_for(submitted, 60, "the orchestrator to submit slow_0")
+    finally:
+        orchestrator.kill()
+        orchestrator.wait(10)
+    run = instance.get_runs()[0]
+    instance.report_run_failed(run)  # what run monitoring does for a dead orchestrator
+    worker = start_worker()
+    wait_for(lambda: "not running step slow_0" in worker.output(), 30, "the worker to skip it")
+    assert not instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
+    server = redis.Redis.from_url(broker_url)
+    wait_for(lambda: not server.keys("dagster-taskiq:task:*"), 10, "the task to be acknowledged")

@@ -298,6 +298,13 @@ def _handle_reply(
                               info)
         return
     outcome = reply.result.return_value
+    if outcome.get("skipped"):
+        yield DagsterEvent.engine_event(
+            step_context(),
+            f'The taskiq worker did not run step "{key}": its run is {outcome["skipped"]}.',
+            EngineEventData(marker_end=QUEUE_WAIT_MARKER),
+        )
+        return
     settled = False  # the step's own events already ended this attempt
     for serialized in outcome["events"]:
         event = deserialize_value(serialized, DagsterEvent)

@@ -32,7 +32,7 @@ from dagster._core.events import EngineEventData
 from dagster._core.execution.api import execute_plan_iterator
 from dagster._core.execution.plan.plan import ExecutionPlan
 from dagster._core.instance.ref import InstanceRef
-from dagster._core.storage.dagster_run import DagsterRun
+from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs, ResumeRunArgs
@@ -51,7 +51,13 @@ T = TypeVar("T")
 StepOutcome = dict[str, Any]
 """``{"events": [serialized DagsterEvent, ...], "error": serialized SerializableErrorInfo | None,
 "crashed": bool}``: ``error`` is an exception in the worker outside the step's own handling;
-``crashed`` means the step's process died (signal, ``os._exit``) before it could answer."""
+``crashed`` means the step's process died (signal, ``os._exit``) before it could answer;
+``skipped`` (when present) why the step was not run at all (its run had already ended)."""
+
+# A step of a run in one of these states is never started: its orchestrator is gone or
+# stopping (a step left queued by an orchestrator that died must not run into a finished run).
+ENDED_RUN_STATUSES = (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
+                      DagsterRunStatus.CANCELED, DagsterRunStatus.CANCELING)
 
 
 class StepRunner(Protocol):
@@ -179,6 +185,7 @@ class PreparedStep:
     instance: DagsterInstance
     recon_job: ReconstructableJob
     worker: str
+    ended_status: str | None = None  # the run's status when it had ended: nothing to run
 
     def execute(self) -> StepOutcome:
         """Run the step; every event is written to the instance as it happens (the UI sees the
@@ -230,7 +237,14 @@ def prepare_step(step_args: str, job_pointer: dict[str, Any], worker: str) -> Pr
     instance = LOADED.instance(args.instance_ref)
     recon_job = LOADED.job(job_pointer)
     run, run_config = LOADED.run(instance, args.run_id, recon_job)
-    return PreparedStep(args, run, run_config, instance, recon_job, worker)
+    # Fresh, not the cached run: one indexed query, so a step of an ended run never starts.
+    ended = instance.get_run_ids(RunsFilter(run_ids=[args.run_id],
+                                            statuses=list(ENDED_RUN_STATUSES)), limit=1)
+    status = None
+    if ended:
+        current = instance.get_run_by_id(args.run_id)
+        status = current.status.value if current else "gone"
+    return PreparedStep(args, run, run_config, instance, recon_job, worker, status)
 
 
 def error_outcome(events: list[str] | None = None) -> StepOutcome:
@@ -255,6 +269,10 @@ async def execute_plan(
         logger.exception("Task %s: could not prepare its step.", context.message.task_id)
         return error_outcome()
     keys = ", ".join(step.args.step_keys_to_execute or [])
+    if step.ended_status is not None:
+        logger.warning("Task %s: not running step %s: its run %s is %s.",
+                       context.message.task_id, keys, step.args.run_id, step.ended_status)
+        return {"events": [], "error": None, "crashed": False, "skipped": step.ended_status}
     return await runner.run(context.message.task_id, step.execute, f"step {keys} of run "
                             f"{step.args.run_id}")
 
