@@ -118,6 +118,23 @@ class TaskiqClient:
         broker = self.broker
         return self._call(lambda: live_workers(broker.redis, self.settings.key_prefix))
 
+    def vanished(self, task_ids: list[str]) -> list[str]:
+        """Those of ``task_ids`` the broker no longer holds: acknowledged, dropped, or lost with
+        Redis's data. (A result is pushed before its task is acknowledged, so the reply of one
+        that finished is on the reply list already, unless Redis lost it.)"""
+        if not isinstance(self.broker, RedisLeaseBroker) or not task_ids:
+            return []
+        broker = self.broker
+
+        async def check() -> list[str]:
+            async with broker.redis.pipeline(transaction=False) as pipe:
+                for task_id in task_ids:
+                    pipe.exists(f"{self.settings.key_prefix}:task:{task_id}")
+                found = await pipe.execute()
+            return [tid for tid, exists in zip(task_ids, found, strict=True) if not exists]
+
+        return self._call(check)
+
     def still_queued(self, task_ids: list[str]) -> list[str]:
         """Those of ``task_ids`` that wait in a queue (not taken by any worker yet)."""
         if not isinstance(self.broker, RedisLeaseBroker) or not task_ids:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from dagster import DagsterInvariantViolationError
+from dagster import DagsterEventType, DagsterInvariantViolationError
 from dagster import _check as check
 from dagster._core.errors import DagsterSubprocessError
 from dagster._core.events import DagsterEvent, EngineEventData
@@ -41,13 +41,18 @@ from dagster_taskiq.tags import (
     priority_from_tags,
     tag_value,
 )
-from dagster_taskiq.tasks import QUEUE_WAIT_MARKER
+from dagster_taskiq.tasks import QUEUE_WAIT_MARKER, TASK_ID_METADATA
 
 # How long one wait for results may block before the loop looks at interrupts, concurrency
 # slots and queue timeouts again. Results themselves wake the loop at once.
 WAIT_SECONDS = 0.5
 # How often the loop asks the registry which queues have live workers.
 WORKERS_REFRESH_SECONDS = 2.0
+# How often in-flight tasks are checked against the broker's records (see the loop).
+RECONCILE_SECONDS = 5.0
+# What a step's attempt ends with, in the event log.
+_STEP_ENDS = (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE,
+              DagsterEventType.STEP_UP_FOR_RETRY)
 
 
 def _step_queue(step: ExecutionStep, default_queue: str) -> str:
@@ -143,6 +148,7 @@ def core_taskiq_execution_loop(
     reply_to = f"{settings.key_prefix}:reply:{run.run_id}:{uuid.uuid4().hex}"
     watch = _QueueWatch(client, executor.queue_wait_timeout)
     in_flight: dict[str, str] = {}  # task id -> step key
+    reconciled = time.monotonic()
     step_errors: dict[str, SerializableErrorInfo] = {}
     stopping = False
     try:
@@ -162,6 +168,19 @@ def core_taskiq_execution_loop(
                 instance_concurrency_context=concurrency,
             ) as active_execution,
         ):
+            def handle(replies: list[Reply]) -> Iterator[DagsterEvent]:
+                for reply in replies:
+                    key = in_flight.pop(reply.task_id, None)
+                    if key is None:
+                        continue  # a duplicate (redelivered task) or not ours
+                    watch.submitted.pop(reply.task_id, None)
+                    timed_out_on = watch.timed_out.pop(reply.task_id, None)
+                    yield from _handle_reply(
+                        plan_context, executor, active_execution, key, reply, step_errors,
+                        timed_out_on,
+                    )
+                    active_execution.verify_complete(plan_context, key)
+
             while (not active_execution.is_complete and not stopping) or in_flight:
                 if active_execution.check_for_interrupts():
                     yield DagsterEvent.engine_event(
@@ -215,17 +234,24 @@ def core_taskiq_execution_loop(
                     replies = []
                     if not active_execution.is_complete and not stopping:
                         time.sleep(0.05)
-                for reply in replies:
-                    key = in_flight.pop(reply.task_id, None)
-                    if key is None:
-                        continue  # a duplicate (redelivered task) or not ours
-                    watch.submitted.pop(reply.task_id, None)
-                    timed_out_on = watch.timed_out.pop(reply.task_id, None)
-                    yield from _handle_reply(
-                        plan_context, executor, active_execution, key, reply, step_errors,
-                        timed_out_on,
-                    )
-                    active_execution.verify_complete(plan_context, key)
+                yield from handle(replies)
+
+                # The pushed reply is the fast path; the broker's record and the event log are
+                # the truth. A task the broker no longer holds whose reply never came (Redis
+                # lost it, or the task) is settled from the event log, so no run waits forever.
+                if in_flight and time.monotonic() - reconciled >= RECONCILE_SECONDS:
+                    reconciled = time.monotonic()
+                    vanished = client.vanished(list(in_flight))
+                    if vanished:
+                        yield from handle(client.wait(reply_to, 0.05))
+                    for task_id in vanished:
+                        key = in_flight.pop(task_id, None)
+                        if key is None:
+                            continue
+                        watch.submitted.pop(task_id, None)
+                        yield from _settle_from_event_log(
+                            plan_context, executor, active_execution, key, task_id)
+                        active_execution.verify_complete(plan_context, key)
 
                 yield from active_execution.plan_events_iterator(plan_context)
     finally:
@@ -333,6 +359,48 @@ def _handle_reply(
         prefix=f'Taskiq worker process for step "{key}"', exit_code=outcome["exit_code"]
     )
     yield from _fail_step(executor, step_context(), active_execution, message, error)
+
+
+def _settle_from_event_log(
+    plan_context: PlanOrchestrationContext,
+    executor: TaskiqExecutor,
+    active_execution: Any,
+    key: str,
+    task_id: str,
+) -> Iterator[DagsterEvent]:
+    """A task vanished from the broker without a reply. If the event log shows how the step's
+    attempt ended (the worker writes events as the step runs), take that, as the reply would
+    have carried it; otherwise the step is lost: a failure that retry policies see."""
+    records = plan_context.instance.all_logs(plan_context.dagster_run.run_id)
+    # This attempt's events follow the worker's "Executing steps" event naming the task.
+    start = next((i for i, r in enumerate(records) if r.dagster_event is not None
+                  and r.dagster_event.is_engine_event and r.step_key == key
+                  and _metadata_text(r.dagster_event, TASK_ID_METADATA) == task_id), None)
+    attempt = [] if start is None else [
+        r.dagster_event for r in records[start + 1:]
+        if r.dagster_event is not None and r.step_key == key]
+    step_context = plan_context.for_step(active_execution.get_step_by_key(key))
+    if any(event.event_type in _STEP_ENDS for event in attempt):
+        yield DagsterEvent.engine_event(
+            step_context,
+            f'Step "{key}": its taskiq reply was lost; its outcome is taken from the event log.',
+            EngineEventData(),
+        )
+        for event in attempt:  # already stored by the worker: only for our bookkeeping
+            active_execution.handle_event(event)
+        return
+    yield from _fail_step(
+        executor, step_context, active_execution,
+        f'Step "{key}" was lost: its taskiq task vanished from the broker without a result '
+        "(Redis lost it: restarted without its data, or a failover lost recent writes).",
+        None,
+    )
+
+
+def _metadata_text(event: DagsterEvent, label: str) -> str | None:
+    data = event.engine_event_data
+    value = data.metadata.get(label) if data is not None else None
+    return getattr(value, "text", None) if value is not None else None
 
 
 def _fail_step(

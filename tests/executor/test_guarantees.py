@@ -341,3 +341,83 @@ def test_a_step_left_queued_by_a_dead_orchestrator_never_runs_into_its_ended_run
     assert not instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
     server = redis.Redis.from_url(broker_url)
     wait_for(lambda: not server.keys("dagster-taskiq:task:*"), 10, "the task to be acknowledged")
+
+
+ORCHESTRATOR = (
+    "import json, sys\n"
+    "from dagster import DagsterInstance, execute_job\n"
+    "from dagster._core.definitions.reconstruct import ReconstructableJob\n"
+    "with DagsterInstance.get() as instance:\n"
+    "    execute_job(ReconstructableJob.for_file(sys.argv[1], sys.argv[2]),\n"
+    "                instance=instance, run_config=json.loads(sys.argv[3]))\n"
+)
+
+
+def _orchestrate(job: str, config: dict, broker_url: str) -> subprocess.Popen:
+    """The run's orchestrator in a process of its own (so a test can stop or kill it)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", ORCHESTRATOR, REPO_FILE, job, json.dumps(config)],
+        env=worker_env(broker_url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _run_status(instance) -> str:
+    runs = instance.get_runs()
+    return runs[0].status.value if runs else "none"
+
+
+def test_a_lost_reply_is_settled_from_the_event_log(start_worker, instance, io_dir,
+                                                    broker_url):
+    """A step's reply is pushed but never reaches the orchestrator (here another reader takes
+    it while the orchestrator is stopped). The task is gone from the broker, the step's success
+    is in the event log: the orchestrator takes it from there and the run succeeds. Before, the
+    run waited forever."""
+    from dagster import DagsterEventType
+
+    start_worker()
+    config = run_config(io_dir, broker_url)
+    config["ops"] = {"slow_0": {"config": {"seconds": 3.0}}}
+    orchestrator = _orchestrate("slow_chain_job", config, broker_url)
+    server = redis.Redis.from_url(broker_url)
+    try:
+        wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
+        orchestrator.send_signal(signal.SIGSTOP)
+        (task,) = server.keys("dagster-taskiq:task:*")
+        reply_to = server.hget(task, "reply_to")
+        stolen = server.blpop([reply_to], timeout=20)
+        orchestrator.send_signal(signal.SIGCONT)
+        assert stolen is not None, "slow_0's reply never came"
+        wait_for(lambda: _run_status(instance) in ("SUCCESS", "FAILURE"), 60, "the run to end")
+    finally:
+        orchestrator.send_signal(signal.SIGCONT)
+        orchestrator.kill()
+        orchestrator.wait(10)
+    assert _run_status(instance) == "SUCCESS"
+    run_id = instance.get_runs()[0].run_id
+    messages = [r.dagster_event.message or "" for r in
+                instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT)]
+    assert any('Step "slow_0": its taskiq reply was lost' in m for m in messages)
+
+
+def test_a_task_lost_with_redis_data_fails_its_step_instead_of_hanging(instance, io_dir,
+                                                                      broker_url):
+    """Redis loses its data (a restart without persistence) while a step is queued: the task is
+    gone, nothing will ever reply. The step fails as lost (retry policies apply) and the run
+    ends. Before, the orchestrator waited forever."""
+    from dagster import DagsterEventType
+
+    config = run_config(io_dir, broker_url)
+    orchestrator = _orchestrate("slow_chain_job", config, broker_url)
+    server = redis.Redis.from_url(broker_url)
+    try:
+        wait_for(lambda: server.keys("dagster-taskiq:task:*"), 60, "slow_0 to be queued")
+        server.flushdb()
+        wait_for(lambda: _run_status(instance) in ("SUCCESS", "FAILURE"), 60, "the run to end")
+    finally:
+        orchestrator.kill()
+        orchestrator.wait(10)
+    assert _run_status(instance) == "FAILURE"
+    run_id = instance.get_runs()[0].run_id
+    failures = instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE)
+    assert [r.step_key for r in failures] == ["slow_0"]
+    assert "vanished from the broker without a result" in \
+        failures[0].dagster_event.step_failure_data.error.message

@@ -43,6 +43,7 @@ from taskiq import AsyncBroker, Context, TaskiqDepends
 from dagster_taskiq.config import TASK_EXECUTE_JOB, TASK_EXECUTE_PLAN, TASK_RESUME_JOB
 
 QUEUE_WAIT_MARKER = "taskiq_queue_wait"
+TASK_ID_METADATA = "taskiq task id"  # on the worker's "Executing steps" event
 
 logger = logging.getLogger("dagster_taskiq.tasks")
 
@@ -186,6 +187,7 @@ class PreparedStep:
     recon_job: ReconstructableJob
     worker: str
     ended_status: str | None = None  # the run's status when it had ended: nothing to run
+    task_id: str = ""
 
     def execute(self) -> StepOutcome:
         """Run the step; every event is written to the instance as it happens (the UI sees the
@@ -202,6 +204,8 @@ class PreparedStep:
                         "step_keys": str(step_keys),
                         "taskiq worker": self.worker,
                         "pid": str(os.getpid()),
+                        # Where this attempt starts in the event log, should its reply be lost.
+                        TASK_ID_METADATA: self.task_id,
                     },
                     marker_end=QUEUE_WAIT_MARKER,
                 ),
@@ -232,7 +236,8 @@ class PreparedStep:
         return {"events": events, "error": None, "crashed": False}
 
 
-def prepare_step(step_args: str, job_pointer: dict[str, Any], worker: str) -> PreparedStep:
+def prepare_step(step_args: str, job_pointer: dict[str, Any], worker: str,
+                 task_id: str = "") -> PreparedStep:
     args = deserialize_value(step_args, ExecuteStepArgs)
     instance = LOADED.instance(args.instance_ref)
     recon_job = LOADED.job(job_pointer)
@@ -244,7 +249,7 @@ def prepare_step(step_args: str, job_pointer: dict[str, Any], worker: str) -> Pr
     if ended:
         current = instance.get_run_by_id(args.run_id)
         status = current.status.value if current else "gone"
-    return PreparedStep(args, run, run_config, instance, recon_job, worker, status)
+    return PreparedStep(args, run, run_config, instance, recon_job, worker, status, task_id)
 
 
 def error_outcome(events: list[str] | None = None) -> StepOutcome:
@@ -262,7 +267,8 @@ async def execute_plan(
     runner: StepRunner = context.state.step_runner
     worker: str = getattr(context.state, "worker_name", None) or worker_label()
     try:
-        step = await runner.prepare(lambda: prepare_step(step_args, job_pointer, worker))
+        step = await runner.prepare(
+            lambda: prepare_step(step_args, job_pointer, worker, context.message.task_id))
     except Exception:
         # Said here too: the orchestrator records it as the step's failure, but whoever
         # looks at this worker (its code or environment is what is wrong) sees it first.
