@@ -122,34 +122,27 @@ class TaskiqClient:
         """Those of ``task_ids`` the broker no longer holds: acknowledged, dropped, or lost with
         Redis's data. (A result is pushed before its task is acknowledged, so the reply of one
         that finished is on the reply list already, unless Redis lost it.)"""
-        if not isinstance(self.broker, RedisLeaseBroker) or not task_ids:
-            return []
-        broker = self.broker
-
-        async def check() -> list[str]:
-            async with broker.redis.pipeline(transaction=False) as pipe:
-                for task_id in task_ids:
-                    pipe.exists(f"{self.settings.key_prefix}:task:{task_id}")
-                found = await pipe.execute()
-            return [tid for tid, exists in zip(task_ids, found, strict=True) if not exists]
-
-        return self._call(check)
+        return [tid for tid, (zset, _) in self._queue_states(task_ids).items() if zset is None]
 
     def still_queued(self, task_ids: list[str]) -> list[str]:
         """Those of ``task_ids`` that wait in a queue (not taken by any worker yet)."""
+        return [tid for tid, (zset, holder) in self._queue_states(task_ids).items()
+                if zset is not None and holder is None]
+
+    def _queue_states(self, task_ids: list[str]) -> dict[str, tuple[Any, Any]]:
+        """Each task's queue and holder in the broker (``None`` for what it does not have; a
+        task the broker does not hold at all has no queue)."""
         if not isinstance(self.broker, RedisLeaseBroker) or not task_ids:
-            return []
+            return {}
         broker = self.broker
 
-        async def check() -> list[str]:
+        async def fetch() -> list[Any]:
             async with broker.redis.pipeline(transaction=False) as pipe:
                 for task_id in task_ids:
                     pipe.hmget(f"{self.settings.key_prefix}:task:{task_id}", "zset", "holder")
-                states = await pipe.execute()
-            return [tid for tid, (zset, holder) in zip(task_ids, states, strict=True)
-                    if zset is not None and holder is None]
+                return await pipe.execute()
 
-        return self._call(check)
+        return dict(zip(task_ids, map(tuple, self._call(fetch)), strict=True))
 
     def describe(self) -> str:
         return mask_url(self.settings.broker_url)

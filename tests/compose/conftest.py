@@ -138,17 +138,6 @@ def project_resources(name: str) -> dict[str, list[str]]:
     return found
 
 
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 2.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(interval)
-
-
 def set_env(project: Path, values: dict[str, str]) -> None:
     """Set variables in the project's .env (replacing existing lines)."""
     path = project / ".env"

@@ -34,9 +34,8 @@ from tests.compose.conftest import (
     project_resources,
     services_of,
     set_env,
-    wait_until,
 )
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 pytestmark = [pytest.mark.timeout(1500), pytest.mark.usefixtures("standin_images")]
 
@@ -86,7 +85,7 @@ def outside_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             return sock.connect_ex((host, port)) == 0
 
     try:
-        wait_until(answers, 60, f"moto server on {url}", interval=0.2)
+        wait_for(answers, 60, f"moto server on {url}", interval=0.2)
         yield url
     finally:
         process.terminate()

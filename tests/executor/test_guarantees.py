@@ -18,6 +18,7 @@ import redis
 
 from dagster_taskiq.broker import LEASE_LABEL, PRIORITY_LABEL, QUEUE_LABEL, REPLY_LABEL
 from tests.conftest import start_redis, wait_for
+from tests.e2e.conftest import alive
 from tests.executor.conftest import REPO_FILE, run_config, worker_env
 from tests.executor.test_broker import client, consumers, trace  # noqa: F401 (fixtures)
 from tests.executor.test_faults import _run_in_thread, _starts, _worker_running
@@ -175,12 +176,12 @@ def test_a_worker_cut_off_from_redis_stops_its_step_before_the_lease_runs_out(
         wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
         holder = next(w for w in workers if w.name == _worker_running(instance, "slow_0"))
         child = int(re.findall(r"\(child (\d+)\)", holder.output())[-1])
-        assert _alive(child)
+        assert alive(child)
         server.process.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         try:
             # The lease (3 s) ran from at most 1 s before the stall; the fence acts 1 s early.
-            wait_for(lambda: not _alive(child), 3.0, "the worker to stop its step")
+            wait_for(lambda: not alive(child), 3.0, "the worker to stop its step")
             fenced_after = time.monotonic() - stopped
             time.sleep(2.0)  # Redis stays away past the lease
         finally:
@@ -196,13 +197,6 @@ def test_a_worker_cut_off_from_redis_stops_its_step_before_the_lease_runs_out(
         server.process.terminate()
         server.process.wait(10)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 JOB_ONLY_HERE = '''
