@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import sys
 import time
@@ -103,3 +105,31 @@ def taskiq_math_diamond():
 @job(executor_def=taskiq_executor, resource_defs={"io_manager": FilesystemIOManager()})
 def taskiq_sleepy_job():
     sleepy_op()
+
+
+def _recorded_op(name: str):
+    @op(name=name)
+    def _op(context, value: int) -> int:
+        """Sleeps a few seconds holding a lock on its (run, step): a second copy running at the
+        same time finds it taken (the lock dies with its process) and records the overlap."""
+        root = Path(context.instance.root_directory)
+        lock = open(root / f"{context.run_id}-{name}.lock", "w")  # noqa: SIM115 - held to the end
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            overlap = False
+        except BlockingIOError:
+            overlap = True
+        with open(root / "attempts.jsonl", "a") as out:
+            out.write(json.dumps({"run_id": context.run_id, "step": name, "pid": os.getpid(),
+                                  "start": time.time(), "overlap": overlap}) + "\n")
+        time.sleep(3)
+        return value + 1
+
+    return _op
+
+
+@job(executor_def=taskiq_executor, resource_defs={"io_manager": FilesystemIOManager()})
+def taskiq_recorded_chain():
+    value = return_one()
+    for i in range(3):
+        value = _recorded_op(f"recorded_{i}")(value)

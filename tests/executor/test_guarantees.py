@@ -414,3 +414,32 @@ def test_a_task_lost_with_redis_data_fails_its_step_instead_of_hanging(instance,
     assert [r.step_key for r in failures] == ["slow_0"]
     assert "vanished from the broker without a result" in \
         failures[0].dagster_event.step_failure_data.error.message
+
+
+def test_a_submit_during_a_redis_restart_waits_for_it(tmp_path):
+    """taskiq wraps a broker's error in SendTaskError: the client unwraps it, so a submit
+    rides out a restart like every other call (before, it failed the run at once)."""
+    from dagster_taskiq.client import TaskiqClient
+    from dagster_taskiq.config import TASK_EXECUTE_PLAN, BrokerSettings
+
+    server = start_redis(tmp_path)
+    sender = TaskiqClient(BrokerSettings.from_config(server.url(), None, None), patience=30)
+    try:
+        sender.start()
+        server.process.kill()
+        server.process.wait(10)
+        restarted = subprocess.Popen(
+            ["bash", "-c", f"sleep 2; exec redis-server --port {server.port} --bind 127.0.0.1 "
+                           f"--save '' --appendonly no --dir {tmp_path}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server.process = restarted
+        started = time.monotonic()
+        task_id = sender.send(TASK_EXECUTE_PLAN, ["{}", {}],
+                              {QUEUE_LABEL: "dagster", PRIORITY_LABEL: 5, LEASE_LABEL: 5,
+                               REPLY_LABEL: ""})
+        assert time.monotonic() - started >= 1.5, "it was sent while Redis was down"
+        assert sender.task_state(task_id), "the task is in the restarted broker"
+    finally:
+        sender.close()
+        server.process.kill()
+        server.process.wait(10)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 from dagster import DagsterInstance, DagsterRunStatus
 from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.launcher import WorkerStatus
-from dagster._daemon.monitoring.run_monitoring import monitor_started_run
+from dagster._daemon.monitoring.run_monitoring import monitor_started_run, monitor_starting_run
 
+from dagster_taskiq.broker import BrokerUnavailable
 from dagster_taskiq.launcher import TaskiqRunLauncher
 from dagster_taskiq.tags import TASKIQ_TASK_ID_TAG
-from tests.conftest import wait_for
+from tests.conftest import start_redis, wait_for
 
 RUNNER_FILE = str(Path(__file__).with_name("repo_runner.py"))
 QUEUE = "custom-queue"
@@ -24,7 +27,8 @@ QUEUE = "custom-queue"
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 
 
-def _write_instance_yaml(home: Path, broker_url: str, resume_attempts: int = 0) -> None:
+def _write_instance_yaml(home: Path, broker_url: str, resume_attempts: int = 0,
+                        start_timeout: float = 30) -> None:
     (home / "dagster.yaml").write_text(yaml.safe_dump({
         "telemetry": {"enabled": False},
         "run_launcher": {
@@ -33,7 +37,7 @@ def _write_instance_yaml(home: Path, broker_url: str, resume_attempts: int = 0) 
             "config": {"broker": broker_url, "default_queue": QUEUE,
                        "worker_heartbeat_timeout": 3.0},
         },
-        "run_monitoring": {"enabled": True, "start_timeout_seconds": 30,
+        "run_monitoring": {"enabled": True, "start_timeout_seconds": start_timeout,
                            "cancel_timeout_seconds": 30, "poll_interval_seconds": 4,
                            "max_resume_run_attempts": resume_attempts},
     }))
@@ -223,3 +227,124 @@ def test_resume_after_the_run_worker_died(start_worker, dagster_home, broker_url
         finished = _finished(instance, run.run_id)
         assert finished.status == DagsterRunStatus.SUCCESS, _logs(instance, run.run_id)
         assert "Resuming run" in _logs(instance, run.run_id)
+
+
+def _monitor_starting(instance: DagsterInstance, run_id: str) -> DagsterRunStatus:
+    """One pass of Dagster's own start-timeout check, as the daemon makes it."""
+    record = instance.get_run_record_by_id(run_id)
+    if record.dagster_run.status == DagsterRunStatus.STARTING:
+        monitor_starting_run(instance, record, logging.getLogger("test"))
+    return instance.get_run_by_id(run_id).status
+
+
+def test_a_run_queued_behind_busy_workers_outlives_the_start_timeout(start_worker, dagster_home,
+                                                                      broker_url):
+    """The only worker is busy; a second run waits in the broker's run queue for three start
+    timeouts. Run monitoring does not fail it (before, it did after 180 s in the template), and
+    it runs once the worker is free."""
+    _write_instance_yaml(dagster_home, broker_url, start_timeout=4)
+    with DagsterInstance.get() as instance:
+        start_worker(queues=[QUEUE])
+        busy = _launch(instance, "sleepy_job")
+        _step_started(instance, busy.run_id)
+        waiting = _launch(instance, "noop_job")
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            assert _monitor_starting(instance, waiting.run_id) == DagsterRunStatus.STARTING, \
+                _logs(instance, waiting.run_id)
+            time.sleep(0.5)
+        assert "Still waiting in taskiq run queue" in _logs(instance, waiting.run_id)
+        instance.run_launcher.terminate(busy.run_id)
+        assert _finished(instance, waiting.run_id).status == DagsterRunStatus.SUCCESS
+
+
+def test_a_run_on_a_queue_no_worker_serves_times_out_with_the_reason(dagster_home, broker_url):
+    _write_instance_yaml(dagster_home, broker_url, start_timeout=2)
+    with DagsterInstance.get() as instance:
+        run = _launch(instance, "noop_job")
+        wait_for(lambda: _monitor_starting(instance, run.run_id) == DagsterRunStatus.FAILURE,
+                 15, "the start timeout")
+        logs = _logs(instance, run.run_id)
+        assert f'waits in queue "{QUEUE}"; no live worker serves that queue' in logs, logs
+
+
+def test_a_queued_resume_is_healthy_and_never_stacked(start_worker, dagster_home, broker_url):
+    """The run's worker dies; run monitoring resumes the run, but no worker is free yet: the
+    queued resume counts as healthy, so further monitoring passes send no second resume."""
+    _write_instance_yaml(dagster_home, broker_url, resume_attempts=3)
+    with DagsterInstance.get() as instance:
+        worker = start_worker(queues=[QUEUE])
+        run = _launch(instance, "crash_once_job")
+        launcher = instance.run_launcher
+
+        def failed():
+            current = instance.get_run_by_id(run.run_id)
+            return launcher.check_run_worker_health(current).status == WorkerStatus.FAILED
+
+        wait_for(failed, 30, "the run's process to crash")
+        worker.stop()  # no worker to take the resume yet
+        for _ in range(3):
+            _monitor(instance, run.run_id)
+        logs = _logs(instance, run.run_id)
+        assert logs.count("Resuming run") == 1, logs
+        server = redis.Redis.from_url(broker_url)
+        assert server.zcard(f"dagster-taskiq:runs:{QUEUE}") == 1
+        health = launcher.check_run_worker_health(instance.get_run_by_id(run.run_id))
+        assert health.status == WorkerStatus.RUNNING and "waiting for a free worker" in health.msg
+        start_worker(queues=[QUEUE])
+        assert _finished(instance, run.run_id).status == DagsterRunStatus.SUCCESS, \
+            _logs(instance, run.run_id)
+
+
+def test_launch_gives_up_within_seconds_when_redis_is_down(dagster_home, tmp_path):
+    """The daemon and the webserver launch runs: a dead broker fails the launch with a clear
+    error in seconds instead of blocking them for the client's five-minute outage patience."""
+    server = start_redis(tmp_path)
+    try:
+        _write_instance_yaml(dagster_home, server.url())
+        with DagsterInstance.get() as instance:
+            instance.run_launcher.client  # connected while Redis was up  # noqa: B018
+            server.process.kill()
+            server.process.wait(10)
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable, match=r"127\.0\.0\.1"):
+                _launch(instance, "noop_job")
+            assert time.monotonic() - started < 30
+    finally:
+        server.process.kill()
+        server.process.wait(10)
+
+
+def test_a_rolling_restart_of_every_worker_loses_no_run(start_worker, dagster_home, broker_url):
+    """Three runs of a chain of 3 s steps on two workers; each worker in turn is stopped
+    gracefully (a replacement first) with a shutdown timeout too short to finish: its steps go
+    back to their queue, its run orchestrators to run monitoring, which resumes them. Every run
+    succeeds and no step ever runs twice at once."""
+    _write_instance_yaml(dagster_home, broker_url, resume_attempts=3)
+    queues = [QUEUE, "dagster"]
+    graceful = ["--shutdown-timeout", "1"]
+    with DagsterInstance.get() as instance:
+        workers = [start_worker(queues=queues, concurrency=2, args=graceful) for _ in range(2)]
+        runs = [_launch(instance, "taskiq_recorded_chain") for _ in range(3)]
+        attempts = Path(instance.root_directory) / "attempts.jsonl"
+        wait_for(lambda: attempts.exists() and len(attempts.read_text().splitlines()) >= 2,
+                 60, "steps of the runs to start")
+        for old in list(workers):
+            workers.append(start_worker(queues=queues, concurrency=2, args=graceful))
+            assert old.stop() == 0
+            time.sleep(2)
+
+        def all_ended() -> bool:
+            for run in instance.get_runs():
+                if run.status == DagsterRunStatus.STARTED:
+                    _monitor(instance, run.run_id)  # the daemon's pass
+            return all(instance.get_run_by_id(r.run_id).is_finished for r in runs)
+
+        wait_for(all_ended, 240, "every run to end", interval=1.0)
+        for run in runs:
+            assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.SUCCESS, \
+                _logs(instance, run.run_id)
+        lines = [json.loads(line) for line in attempts.read_text().splitlines()]
+        assert not [line for line in lines if line["overlap"]], lines
+        assert "Resuming run" in "".join(_logs(instance, r.run_id) for r in runs), \
+            "no run was handed back: the restart came too late to test anything"
