@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from taskiq.exceptions import SendTaskError
 from taskiq.result import TaskiqResult
 
 from dagster_taskiq.app import SyncBridge, make_app
@@ -27,8 +28,10 @@ OUTAGE_SECONDS = 300.0
 
 
 class TaskiqClient:
-    def __init__(self, settings: BrokerSettings) -> None:
+    def __init__(self, settings: BrokerSettings, patience: float = OUTAGE_SECONDS) -> None:
+        """``patience``: how long each call rides out an outage before giving up."""
         self.settings = settings
+        self.patience = patience
         self._bridge = SyncBridge()
         self.broker = make_app(settings)
         self.redis_mode = isinstance(self.broker, RedisLeaseBroker)
@@ -43,10 +46,10 @@ class TaskiqClient:
         finally:
             self._bridge.close()
 
-    def _call(self, make: Callable[[], Awaitable[T]], patience: float = OUTAGE_SECONDS) -> T:
+    def _call(self, make: Callable[[], Awaitable[T]], patience: float | None = None) -> T:
         async def attempt() -> T:
             backoff = Backoff()
-            deadline = time.monotonic() + patience
+            deadline = time.monotonic() + (self.patience if patience is None else patience)
             while True:
                 try:
                     return await make()
@@ -66,7 +69,13 @@ class TaskiqClient:
         kicker = task.kicker().with_labels(**labels).with_task_id(task_id or uuid.uuid4().hex)
 
         async def kick() -> str:
-            return (await kicker.kiq(*args)).task_id
+            try:
+                return (await kicker.kiq(*args)).task_id
+            except SendTaskError as exc:
+                # taskiq wraps the broker's error: a Redis blip is retried like any other call.
+                if isinstance(exc.__cause__, REDIS_ERRORS):
+                    raise exc.__cause__ from None
+                raise
 
         return self._call(kick)
 
@@ -85,7 +94,7 @@ class TaskiqClient:
         """Drop a reply list nobody will read (cleanup: gives up quickly)."""
         self._call(lambda: self.broker.result_backend.discard_replies(reply_to), patience=5)
 
-    def revoke(self, task_ids: list[str], patience: float = OUTAGE_SECONDS) -> dict[str, str]:
+    def revoke(self, task_ids: list[str], patience: float | None = None) -> dict[str, str]:
         if not isinstance(self.broker, RedisLeaseBroker) or not task_ids:
             return {}
         broker = self.broker
