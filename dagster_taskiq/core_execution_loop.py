@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dagster import DagsterEventType, DagsterInvariantViolationError
@@ -30,6 +30,7 @@ from dagster._utils.error import SerializableErrorInfo, serializable_error_info_
 
 from dagster_taskiq.broker import BrokerUnavailable
 from dagster_taskiq.client import TaskiqClient
+from dagster_taskiq.event_log import TASK_ID_METADATA, metadata_text, run_events, task_of_step
 from dagster_taskiq.executor import TaskiqExecutor, submit_step
 from dagster_taskiq.registry import serves
 from dagster_taskiq.results import Reply
@@ -41,7 +42,7 @@ from dagster_taskiq.tags import (
     priority_from_tags,
     tag_value,
 )
-from dagster_taskiq.tasks import QUEUE_WAIT_MARKER, TASK_ID_METADATA
+from dagster_taskiq.tasks import QUEUE_WAIT_MARKER
 
 # How long one wait for results may block before the loop looks at interrupts, concurrency
 # slots and queue timeouts again. Results themselves wake the loop at once.
@@ -145,7 +146,9 @@ def core_taskiq_execution_loop(
 
     settings = executor.settings
     client = TaskiqClient(settings)
-    reply_to = f"{settings.key_prefix}:reply:{run.run_id}:{uuid.uuid4().hex}"
+    # One reply list per run, not per orchestrator: a resumed run's orchestrator hears the
+    # replies of the tasks its dead predecessor left running.
+    reply_to = f"{settings.key_prefix}:reply:{run.run_id}"
     watch = _QueueWatch(client, executor.queue_wait_timeout)
     in_flight: dict[str, str] = {}  # task id -> step key
     reconciled = time.monotonic()
@@ -181,6 +184,41 @@ def core_taskiq_execution_loop(
                     )
                     active_execution.verify_complete(plan_context, key)
 
+            def submit(step: ExecutionStep) -> Iterator[DagsterEvent]:
+                key, queue = step.key, queue_of[step.key]
+                step_context = plan_context.for_step(step)
+                # The id is chosen first and written in the event log with the submission, so
+                # the log tells which task carries the step, whatever happens next.
+                task_id = uuid.uuid4().hex
+                yield DagsterEvent.engine_event(
+                    step_context,
+                    f'Submitting taskiq task for step "{key}" to queue "{queue}".',
+                    EngineEventData({TASK_ID_METADATA: task_id}, marker_start=QUEUE_WAIT_MARKER),
+                )
+                if queue not in watch.warned and not watch.served(queue):
+                    watch.warned.add(queue)
+                    yield _no_worker_warning(step_context, key, queue,
+                                             executor.queue_wait_timeout)
+                try:
+                    submit_step(client, plan_context, step, queue, priority[key],
+                                active_execution.get_known_state(), reply_to,
+                                executor.worker_heartbeat_timeout, task_id)
+                except Exception:
+                    yield DagsterEvent.engine_event(
+                        plan_context,
+                        "Encountered error during taskiq task submission.",
+                        event_specific_data=EngineEventData.engine_error(
+                            serializable_error_info_from_exc_info(sys.exc_info())
+                        ),
+                    )
+                    raise
+                in_flight[task_id] = key
+                watch.submitted[task_id] = (time.monotonic(), queue)
+
+            if plan_context.resume_from_failure:
+                yield from _resume(plan_context, client, active_execution, submit, in_flight,
+                                   watch, queue_of)
+
             while (not active_execution.is_complete and not stopping) or in_flight:
                 if active_execution.check_for_interrupts():
                     yield DagsterEvent.engine_event(
@@ -195,34 +233,7 @@ def core_taskiq_execution_loop(
 
                 if not stopping:
                     for step in active_execution.get_steps_to_execute():
-                        key, queue = step.key, queue_of[step.key]
-                        step_context = plan_context.for_step(step)
-                        yield DagsterEvent.engine_event(
-                            step_context,
-                            f'Submitting taskiq task for step "{key}" to queue "{queue}".',
-                            EngineEventData(marker_start=QUEUE_WAIT_MARKER),
-                        )
-                        if queue not in watch.warned and not watch.served(queue):
-                            watch.warned.add(queue)
-                            yield _no_worker_warning(step_context, key, queue,
-                                                     executor.queue_wait_timeout)
-                        try:
-                            task_id = submit_step(
-                                client, plan_context, step, queue, priority[key],
-                                active_execution.get_known_state(), reply_to,
-                                executor.worker_heartbeat_timeout,
-                            )
-                        except Exception:
-                            yield DagsterEvent.engine_event(
-                                plan_context,
-                                "Encountered error during taskiq task submission.",
-                                event_specific_data=EngineEventData.engine_error(
-                                    serializable_error_info_from_exc_info(sys.exc_info())
-                                ),
-                            )
-                            raise
-                        in_flight[task_id] = key
-                        watch.submitted[task_id] = (time.monotonic(), queue)
+                        yield from submit(step)
                     yield from active_execution.concurrency_event_iterator(plan_context)
 
                 if in_flight:
@@ -273,6 +284,49 @@ def core_taskiq_execution_loop(
             + "\n".join(f"[{key}]: {err.to_string()}" for key, err in step_errors.items()),
             subprocess_error_infos=list(step_errors.values()),
         )
+
+
+def _resume(
+    plan_context: PlanOrchestrationContext,
+    client: TaskiqClient,
+    active_execution: Any,
+    submit: Callable[[ExecutionStep], Iterator[DagsterEvent]],
+    in_flight: dict[str, str],
+    watch: _QueueWatch,
+    queue_of: dict[str, str],
+) -> Iterator[DagsterEvent]:
+    """Resume a run whose orchestrator died (run monitoring sends ``resume_job``), as Dagster's
+    step-delegating executor does: replay the event log, then take each step that may be in
+    flight: a task the broker still holds for it (named in the log by its submit event) is
+    waited for (its reply comes to this run's list), any other is submitted again. So steps that
+    ran are not run again, and none runs twice at once."""
+    events = run_events(plan_context.instance, plan_context.dagster_run.run_id)
+    latest_task = task_of_step(events)
+    possibly_in_flight = active_execution.rebuild_from_events(events)
+    yield DagsterEvent.engine_event(
+        plan_context,
+        f"Resuming execution from failure: {len(possibly_in_flight)} step(s) were possibly in "
+        "flight.", EngineEventData(),
+    )
+    for step in possibly_in_flight:
+        task_id = latest_task.get(step.key)
+        state = client.task_state(task_id) if task_id and client.redis_mode else {}
+        if task_id and state:
+            in_flight[task_id] = step.key
+            watch.submitted[task_id] = (time.monotonic(), queue_of[step.key])
+            where = f"running on {state['holder']}" if "holder" in state else "queued"
+            yield DagsterEvent.engine_event(
+                plan_context.for_step(step),
+                f'Step "{step.key}": its taskiq task {task_id} from before the resume is still '
+                f"{where}; waiting for it.", EngineEventData(),
+            )
+        else:
+            yield DagsterEvent.engine_event(
+                plan_context.for_step(step),
+                f'Including step "{step.key}" in the resumed run: no taskiq task holds it.',
+                EngineEventData(),
+            )
+            yield from submit(step)
 
 
 def _no_worker_warning(step_context: Any, key: str, queue: str, timeout: float | None):
@@ -372,10 +426,11 @@ def _settle_from_event_log(
     attempt ended (the worker writes events as the step runs), take that, as the reply would
     have carried it; otherwise the step is lost: a failure that retry policies see."""
     records = plan_context.instance.all_logs(plan_context.dagster_run.run_id)
-    # This attempt's events follow the worker's "Executing steps" event naming the task.
+    # This attempt's events follow the events naming the task (its submission, the worker's
+    # "Executing steps").
     start = next((i for i, r in enumerate(records) if r.dagster_event is not None
                   and r.dagster_event.is_engine_event and r.step_key == key
-                  and _metadata_text(r.dagster_event, TASK_ID_METADATA) == task_id), None)
+                  and metadata_text(r.dagster_event, TASK_ID_METADATA) == task_id), None)
     attempt = [] if start is None else [
         r.dagster_event for r in records[start + 1:]
         if r.dagster_event is not None and r.step_key == key]
@@ -395,12 +450,6 @@ def _settle_from_event_log(
         "(Redis lost it: restarted without its data, or a failover lost recent writes).",
         None,
     )
-
-
-def _metadata_text(event: DagsterEvent, label: str) -> str | None:
-    data = event.engine_event_data
-    value = data.metadata.get(label) if data is not None else None
-    return getattr(value, "text", None) if value is not None else None
 
 
 def _fail_step(

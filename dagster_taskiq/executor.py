@@ -168,8 +168,9 @@ def submit_step(
     known_state: KnownExecutionState,
     reply_to: str,
     lease_seconds: float,
+    task_id: str,
 ) -> str:
-    """Send one step to ``queue``; returns the task id. The reply arrives on ``reply_to``."""
+    """Send one step to ``queue`` as task ``task_id``; its reply arrives on ``reply_to``."""
     recon_job = plan_context.reconstructable_job
     check.inst(recon_job, ReconstructableJob)
     executor = plan_context.executor
@@ -191,5 +192,6 @@ def submit_step(
         "step_key": step.key,
     }
     return client.send(
-        TASK_EXECUTE_PLAN, [serialize_value(step_args), dict(recon_job.to_dict())], labels
+        TASK_EXECUTE_PLAN, [serialize_value(step_args), dict(recon_job.to_dict())], labels,
+        task_id=task_id,
     )

