@@ -2,7 +2,9 @@
 
 Stock taskiq-redis brokers lose tasks (list/pubsub), re-run long tasks while they still run
 (streams), hoard messages and have no priority, so the executor brings its own. Layout in Redis,
-under ``<prefix>:``:
+under ``<prefix>:`` (``{dagster-taskiq}`` by default; always a Redis Cluster hash tag, see
+``BrokerSettings``, so every key below lands in one Cluster slot and each script's keys on one
+node):
 
 - ``task:<id>``   hash: the message ``body``, ``zset``/``member``/``score`` (its place in its
   queue), ``lease`` seconds, ``reply_to``, ``redeliver`` (how many deliveries it may get), and
@@ -15,19 +17,25 @@ under ``<prefix>:``:
   forward with heartbeats. An expired lease (its worker died) puts a step back in its queue, up
   to ``MAX_DELIVERIES``; a run, or a step out of deliveries, is dropped and its waiter told why.
 - ``wake:<q>``, ``wakeruns:<q>``  lists used only to wake blocked consumers (BLPOP).
+- ``seq``        the submission counter; ``claim:<claim id>`` what one claim got, for a minute.
+- ``reply:<run>:<uuid>`` a run's reply list, ``result:<id>`` a result (``results.py``);
+  ``workers`` and ``worker:<id>`` the worker registry (``registry.py``).
 
 Every state change is one Lua script, so a task is always in exactly one place: queued, leased
-or gone (acknowledged). Messages are taskiq's JSON; nothing is pickled.
+or gone (acknowledged). The scripts are ``lua/<name>.lua``, each with a header naming its KEYS
+and ARGV. Messages are taskiq's JSON; nothing is pickled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from functools import partial
+from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -83,202 +91,27 @@ STEP, RUN = "step", "run"
 MAX_DELIVERIES = 3  # a step whose worker keeps dying is failed rather than retried forever
 FENCE_CHECK_SECONDS = 0.25
 
-# Lease deadlines and enqueue times come from the Redis server's clock, never a client's: a
-# host whose clock runs ahead cannot expire every lease in the cluster.
-_NOW_MS = """
-local clock = redis.call('TIME')
-local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-"""
-
-# KEYS: task, zset, wake, seq; ARGV: id, body, score, lease, reply_to, deliveries.
-# Idempotent: a task id that exists already (a retried submit whose first reply was lost) is
-# left as it is. Returns the sequence number, or 0 for such a repeat.
-_KICK = _NOW_MS + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local seq = redis.call('INCR', KEYS[4])
-local member = string.format('%015d|', seq) .. ARGV[1]
-redis.call('HSET', KEYS[1], 'body', ARGV[2], 'zset', KEYS[2], 'wake', KEYS[3], 'member', member,
-           'score', ARGV[3], 'lease', ARGV[4], 'reply_to', ARGV[5], 'enqueued_ms', now_ms,
-           'redeliver', ARGV[6])
-redis.call('ZADD', KEYS[2], ARGV[3], member)
-redis.call('RPUSH', KEYS[3], '1')
-redis.call('LTRIM', KEYS[3], -100, -1)
-return seq
-"""
-
-# KEYS: leases, queue keys..., wake keys... (same order), claim; ARGV: holder, prefix, n_queues.
-# ``claim`` is a key named by the consumer for this claim, kept for a minute, recording what it
-# got: a retry after a lost reply gets the same task back (still leased to us) instead of
-# leaving it to expire, which cost a step one of its deliveries and dropped a run.
-_CLAIM = _NOW_MS + """
-local n = tonumber(ARGV[3])
-local claim = KEYS[2 * n + 2]
-local prior = redis.call('GET', claim)
-if prior then
-  local task = ARGV[2] .. ':task:' .. prior
-  local f = redis.call('HMGET', task, 'holder', 'body', 'token', 'lease')
-  if f[1] == ARGV[1] then return {prior, f[2], tonumber(f[3]), f[4]} end
-end
-while true do
-  local best, best_member, best_score = nil, nil, nil
-  for i = 2, n + 1 do
-    local top = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-    if top[1] then
-      local score = tonumber(top[2])
-      if best_score == nil or score < best_score then
-        best, best_member, best_score = i, top[1], score
-      end
-    end
-  end
-  if best == nil then
-    for i = n + 2, 2 * n + 1 do redis.call('DEL', KEYS[i]) end
-    return nil
-  end
-  redis.call('ZREM', KEYS[best], best_member)
-  if redis.call('ZCARD', KEYS[best]) > 0 then redis.call('RPUSH', KEYS[best + n], '1') end
-  local id = string.sub(best_member, 17)
-  local task = ARGV[2] .. ':task:' .. id
-  local body = redis.call('HGET', task, 'body')
-  if body then
-    local token = redis.call('HINCRBY', task, 'token', 1)
-    redis.call('HSET', task, 'holder', ARGV[1])
-    local lease = redis.call('HGET', task, 'lease')
-    redis.call('ZADD', KEYS[1], now_ms + tonumber(lease) * 1000, id)
-    redis.call('SET', claim, id, 'EX', 60)
-    return {id, body, token, lease}
-  end
-end
-"""
-
-# KEYS: leases; ARGV: holder, prefix, then (id, token) pairs.
-# Returns {lost ids, cancelled ids}: lost = no longer ours (redelivered or acknowledged).
-_HEARTBEAT = _NOW_MS + """
-local lost, cancelled = {}, {}
-for i = 3, #ARGV, 2 do
-  local id = ARGV[i]
-  local task = ARGV[2] .. ':task:' .. id
-  local f = redis.call('HMGET', task, 'holder', 'token', 'lease', 'cancel')
-  if f[1] ~= ARGV[1] or f[2] ~= ARGV[i + 1] then
-    table.insert(lost, id)
-  else
-    redis.call('ZADD', KEYS[1], now_ms + tonumber(f[3]) * 1000, id)
-    if f[4] then table.insert(cancelled, id) end
-  end
-end
-return {lost, cancelled}
-"""
-
-# KEYS: leases; ARGV: prefix, id, holder, token
-_ACK = """
-local task = ARGV[1] .. ':task:' .. ARGV[2]
-local f = redis.call('HMGET', task, 'holder', 'token')
-if f[1] == ARGV[3] and f[2] == ARGV[4] then
-  redis.call('DEL', task)
-  redis.call('ZREM', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# A reply that tells the orchestrator a task will never produce a result.
-# (``lost``: its worker died or left, as opposed to the orchestrator revoking it.)
-_REVOKED_REPLY = "cjson.encode({task_id = id, revoked = true, lost = lost, reason = reason})"
 # A reply list outlives its run only by this much: its orchestrator deletes it when done, and a
 # script may re-create it after that (a late revoke or lost worker), so it must expire.
 REPLY_TTL_SECONDS = 24 * 3600
 
-# KEYS: leases; ARGV: prefix, limit. Expired leases: a step with deliveries left goes back to
-# its queue (same place); anything else is dropped and its waiter told why.
-_REAP = _NOW_MS + f"""
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[2]))
-local requeued, dropped = {{}}, {{}}
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  local task = ARGV[1] .. ':task:' .. id
-  local f = redis.call('HMGET', task, 'zset', 'member', 'score', 'cancel', 'holder', 'reply_to',
-                       'token', 'redeliver', 'wake', 'released')
-  if f[1] then
-    local used = tonumber(f[7] or '0') - tonumber(f[10] or '0')
-    if f[4] or used >= tonumber(f[8] or '0') then
-      redis.call('DEL', task)
-      if f[6] ~= '' then
-        local reason = 'its worker ' .. (f[5] or '?') .. ' stopped heartbeating'
-        local lost = not f[4]
-        if f[4] then reason = 'it was cancelled and ' .. reason end
-        redis.call('RPUSH', f[6], {_REVOKED_REPLY})
-        redis.call('EXPIRE', f[6], {REPLY_TTL_SECONDS})
-      end
-      table.insert(dropped, id)
-    else
-      redis.call('HDEL', task, 'holder')
-      redis.call('HSET', task, 'lost_holder', f[5] or '')
-      redis.call('ZADD', f[1], f[3], f[2])
-      redis.call('RPUSH', f[9], '1')
-      table.insert(requeued, id)
-    end
-  end
-end
-return {{requeued, dropped}}
-"""
+SCRIPT_NAMES = ("kick", "claim", "heartbeat", "ack", "reap", "release", "revoke")
+_INCLUDE = re.compile(r"^-- include: (\S+)$", re.MULTILINE)
 
-# KEYS: leases; ARGV: prefix, holder, then (id, token) pairs. A worker shutting down hands its
-# tasks back: steps to the front of their queue (this delivery does not count), runs are dropped
-# and their waiter told (a run that started cannot simply start again elsewhere).
-_RELEASE = f"""
-local released = {{}}
-for i = 3, #ARGV, 2 do
-  local id = ARGV[i]
-  local task = ARGV[1] .. ':task:' .. id
-  local f = redis.call('HMGET', task, 'holder', 'token', 'zset', 'member', 'score', 'redeliver',
-                       'wake', 'reply_to')
-  if f[1] == ARGV[2] and f[2] == ARGV[i + 1] then
-    redis.call('ZREM', KEYS[1], id)
-    if tonumber(f[6]) > 1 then
-      redis.call('HDEL', task, 'holder')
-      redis.call('HINCRBY', task, 'released', 1)
-      redis.call('ZADD', f[3], f[5], f[4])
-      redis.call('RPUSH', f[7], '1')
-    else
-      redis.call('DEL', task)
-      if f[8] ~= '' then
-        local reason = 'its worker ' .. ARGV[2] .. ' shut down while running it'
-        local lost = true
-        redis.call('RPUSH', f[8], {_REVOKED_REPLY})
-        redis.call('EXPIRE', f[8], {REPLY_TTL_SECONDS})
-      end
-    end
-    table.insert(released, id)
-  end
-end
-return released
-"""
 
-# KEYS: leases; ARGV: prefix, ids... Returns one state per id: dropped | running | gone.
-_REVOKE = f"""
-local states = {{}}
-for i = 2, #ARGV do
-  local id = ARGV[i]
-  local task = ARGV[1] .. ':task:' .. id
-  local f = redis.call('HMGET', task, 'zset', 'member', 'holder', 'reply_to')
-  if not f[1] then
-    table.insert(states, 'gone')
-  elseif not f[3] then
-    redis.call('ZREM', f[1], f[2])
-    redis.call('DEL', task)
-    if f[4] ~= '' then
-      local reason = 'revoked while queued'
-      local lost = false
-      redis.call('RPUSH', f[4], {_REVOKED_REPLY})
-        redis.call('EXPIRE', f[4], {REPLY_TTL_SECONDS})
-    end
-    table.insert(states, 'dropped')
-  else
-    redis.call('HSET', task, 'cancel', '1')
-    table.insert(states, 'running:' .. f[3])
-  end
-end
-return states
-"""
+def script_source(name: str) -> str:
+    """The Lua of ``lua/<name>.lua`` (each file's header names its KEYS and ARGV), with each
+    ``-- include: <file>`` line replaced by that helper file's text (one level, no nesting)."""
+    folder = resources.files("dagster_taskiq").joinpath("lua")
+
+    def read(file: str) -> str:
+        return folder.joinpath(file).read_text(encoding="utf-8")
+
+    return _INCLUDE.sub(lambda match: read(match.group(1)).rstrip("\n"), read(f"{name}.lua"))
+
+
+# Read once per process; redis-py loads each by its SHA (and again after a NOSCRIPT).
+SCRIPTS: dict[str, str] = {name: script_source(name) for name in SCRIPT_NAMES}
 
 
 def redis_client(url: str, settings: BrokerSettings) -> aioredis.Redis:
@@ -388,6 +221,9 @@ class RedisLeaseBroker(AsyncBroker):
     def _key(self, *parts: str) -> str:
         return ":".join((self.settings.key_prefix, *parts))
 
+    def task_key(self, task_id: str) -> str:
+        return self._key("task", task_id)
+
     def queue_key(self, queue: str, kind: str = STEP) -> str:
         return self._key("queue" if kind == STEP else "runs", queue)
 
@@ -399,16 +235,7 @@ class RedisLeaseBroker(AsyncBroker):
         if self._redis is None:
             self._redis = redis_client(self.settings.broker_url, self.settings)
             self._scripts = {
-                name: self._redis.register_script(source)
-                for name, source in {
-                    "kick": _KICK,
-                    "claim": _CLAIM,
-                    "heartbeat": _HEARTBEAT,
-                    "ack": _ACK,
-                    "reap": _REAP,
-                    "revoke": _REVOKE,
-                    "release": _RELEASE,
-                }.items()
+                name: self._redis.register_script(source) for name, source in SCRIPTS.items()
             }
         return self._redis
 
@@ -457,10 +284,17 @@ class RedisLeaseBroker(AsyncBroker):
         priority = int(labels.get(PRIORITY_LABEL, 0))
         lease = float(labels.get(LEASE_LABEL, 30.0))
         kind = RUN if message.task_name in RUN_TASKS else STEP
+        reply_to = str(labels.get(REPLY_LABEL) or "")
+        if reply_to and not reply_to.startswith(f"{self.settings.key_prefix}:"):
+            # The scripts push to it beside the task's keys: on Redis Cluster it must share
+            # their hash tag (slot), so it must be under the prefix.
+            raise ValueError(
+                f"reply_to {reply_to!r} is not under the key prefix {self.settings.key_prefix!r}"
+            )
         await self._run(
             "kick",
             [
-                self._key("task", message.task_id),
+                self.task_key(message.task_id),
                 self.queue_key(queue, kind),
                 self._wake_key(queue, kind),
                 self._key("seq"),
@@ -470,7 +304,7 @@ class RedisLeaseBroker(AsyncBroker):
                 message.message,
                 -priority,
                 lease,
-                str(labels.get(REPLY_LABEL) or ""),
+                reply_to,
                 MAX_DELIVERIES if kind == STEP else 1,
             ],
         )
@@ -482,7 +316,7 @@ class RedisLeaseBroker(AsyncBroker):
         if not task_ids:
             return {}
         states = await self._run(
-            "revoke", [self._key("leases")], [self.settings.key_prefix, *task_ids]
+            "revoke", [self.task_key(t) for t in task_ids], [REPLY_TTL_SECONDS, *task_ids]
         )
         return {tid: state.decode() for tid, state in zip(task_ids, states, strict=True)}
 
@@ -491,7 +325,7 @@ class RedisLeaseBroker(AsyncBroker):
         that have deliveries left, drop the rest. Returns the requeued ids."""
         self._last_reap = time.monotonic()
         requeued, dropped = await self._run(
-            "reap", [self._key("leases")], [self.settings.key_prefix, limit]
+            "reap", [self._key("leases")], [self.settings.key_prefix, limit, REPLY_TTL_SECONDS]
         )
         requeued = [i.decode() for i in requeued]
         if requeued:
@@ -547,14 +381,15 @@ class RedisLeaseBroker(AsyncBroker):
             yield AckableMessage(data=body, ack=partial(self._ack, task_id, token))
 
     async def release_held(self) -> list[str]:
-        """Hand every task we hold back (see ``_RELEASE``); returns their ids."""
+        """Hand every task we hold back (see ``lua/release.lua``); returns their ids."""
         held = dict(self._held)
         if not held:
             return []
-        args: list[Any] = [self.settings.key_prefix, self.holder]
+        keys = [self._key("leases"), *(self.task_key(t) for t in held)]
+        args: list[Any] = [self.holder, REPLY_TTL_SECONDS]
         for task_id, token in held.items():
             args += [task_id, token]
-        released = [i.decode() for i in await self._run("release", [self._key("leases")], args)]
+        released = [i.decode() for i in await self._run("release", keys, args)]
         for task_id in released:
             self._forget(task_id)
         return released
@@ -568,8 +403,8 @@ class RedisLeaseBroker(AsyncBroker):
             try:
                 await self._run(
                     "ack",
-                    [self._key("leases")],
-                    [self.settings.key_prefix, task_id, self.holder, token],
+                    [self._key("leases"), self.task_key(task_id)],
+                    [task_id, self.holder, token],
                 )
                 self._forget(task_id)
                 return
@@ -597,10 +432,11 @@ class RedisLeaseBroker(AsyncBroker):
         if not held:
             return [], []
         sent = time.monotonic()
-        args: list[Any] = [self.holder, self.settings.key_prefix]
+        keys = [self._key("leases"), *(self.task_key(t) for t in held)]
+        args: list[Any] = [self.holder]
         for task_id, token in held.items():
             args += [task_id, token]
-        lost, cancelled = await self._run("heartbeat", [self._key("leases")], args)
+        lost, cancelled = await self._run("heartbeat", keys, args)
         lost = [i.decode() for i in lost]
         for task_id in held.keys() - set(lost):
             if task_id in self._renewed:
@@ -664,7 +500,7 @@ class RedisLeaseBroker(AsyncBroker):
     async def task_state(self, task_id: str) -> dict[str, str]:
         """The task's broker record: empty once acknowledged or dropped; ``holder`` while
         leased; no ``holder`` while queued."""
-        raw = await self.redis.hgetall(self._key("task", task_id))
+        raw = await self.redis.hgetall(self.task_key(task_id))
         return {k.decode(): v.decode() for k, v in raw.items() if k != b"body"}
 
 

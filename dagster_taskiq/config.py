@@ -21,6 +21,9 @@ BROKER_URL_ENV = "DAGSTER_TASKIQ_BROKER_URL"
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE = "dagster"
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
+# Braces make it a Redis Cluster hash tag: every key under the prefix hashes to one slot, so
+# each script's keys live on one node (multi-key scripts and transactions need that).
+DEFAULT_KEY_PREFIX = "{dagster-taskiq}"
 
 TASK_EXECUTE_PLAN = "execute_plan"
 TASK_EXECUTE_JOB = "execute_job"
@@ -70,6 +73,19 @@ def validate_redis_url(url: str, what: str) -> str:
     return url
 
 
+def has_hash_tag(prefix: str) -> bool:
+    """Whether Redis Cluster hashes every key starting with ``prefix`` by a tag inside it: the
+    text between the first ``{`` and the next ``}``, when not empty (Redis's own rule)."""
+    start = prefix.find("{")
+    end = prefix.find("}", start + 1) if start >= 0 else -1
+    return end > start + 1
+
+
+def cluster_key_prefix(prefix: str) -> str:
+    """``prefix`` as a hash tag (``team-a`` -> ``{team-a}``) unless it already holds one."""
+    return prefix if has_hash_tag(prefix) else "{" + prefix + "}"
+
+
 def default_broker_url() -> str:
     return os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL
 
@@ -80,18 +96,26 @@ class BrokerSettings:
 
     Built from the executor's (or launcher's, or worker YAML's) ``broker``, ``backend`` and
     ``config_source``; the fields below other than the URLs are the ``config_source`` keys.
+
+    ``key_prefix`` starts every Redis key we use. It always carries a hash tag (``{...}``), so
+    all of them map to one Redis Cluster slot: a prefix given without one is wrapped in braces
+    (``team-a`` becomes ``{team-a}``); one that has one (``{team}-a``) is used as it is.
     """
 
     broker_url: str
     backend_url: str
     task_always_eager: bool = False
-    key_prefix: str = "dagster-taskiq"
+    key_prefix: str = DEFAULT_KEY_PREFIX
     # Well below a lease (30 s by default): a dead server is noticed while leases still hold.
     socket_timeout: float = 10.0
     socket_connect_timeout: float = 5.0
     connect_timeout: float = 5.0
     result_ttl_seconds: int = 7 * 24 * 3600
     max_connections: int = 64
+
+    def __post_init__(self) -> None:
+        # Frozen: set through object.__setattr__, once, before anyone reads it.
+        object.__setattr__(self, "key_prefix", cluster_key_prefix(str(self.key_prefix)))
 
     @classmethod
     def from_config(
@@ -123,6 +147,8 @@ class BrokerSettings:
                 [],
                 options,
             )
+        if not str(options.get("key_prefix", DEFAULT_KEY_PREFIX)):
+            raise _invalid_config("config_source.key_prefix must not be empty.", [], options)
         settings = cls(broker_url=broker_url, backend_url=backend_url, **options)
         for name in ("socket_timeout", "socket_connect_timeout", "connect_timeout"):
             if not float(getattr(settings, name)) > 0:

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from dagster_taskiq.broker import LEASE_LABEL, PRIORITY_LABEL, QUEUE_LABEL, REPLY_LABEL
+from dagster_taskiq.config import DEFAULT_KEY_PREFIX
 from tests.conftest import wait_for
 from tests.executor.conftest import CLI, execute_test_job, run_config, worker_env
 from tests.executor.consumer import TRACE, make_broker
@@ -67,7 +68,7 @@ class Client:
 
     def __init__(self, url: str):
         self.broker = make_broker(url, ["dagster"], "client")
-        self.reply_to = "test:replies"
+        self.reply_to = f"{self.broker.settings.key_prefix}:replies"  # as the orchestrator's
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.broker.startup())
 
@@ -178,7 +179,7 @@ def test_thousand_tasks_none_lost_none_duplicated(client, consumers, broker_url)
     starts = Counter(item.split(":")[1] for item in trace(broker_url) if item.startswith("start"))
     assert len(starts) == 1000 and set(starts.values()) == {1}
     # Acknowledged messages are deleted: nothing is left in Redis but results and the trace.
-    leftovers = redis.Redis.from_url(broker_url).keys("dagster-taskiq:task:*")
+    leftovers = redis.Redis.from_url(broker_url).keys(f"{DEFAULT_KEY_PREFIX}:task:*")
     assert leftovers == []
 
 

@@ -27,7 +27,7 @@ def write(tmp_path: Path, text: str) -> str:
 def test_no_yaml_uses_the_environment() -> None:
     settings, includes = settings_from_yaml(None)
     assert (settings.broker_url, settings.backend_url, includes) == (ENV_URL, ENV_URL, [])
-    assert settings.key_prefix == "dagster-taskiq"
+    assert settings.key_prefix == "{dagster-taskiq}"
 
 
 def test_no_yaml_and_no_environment_uses_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,7 +59,8 @@ execution:
 """))
     assert settings.broker_url == "redis://:pw@broker:6379/0"
     assert settings.backend_url == "redis://:pw@broker/0"  # the same database, written otherwise
-    assert (settings.key_prefix, settings.connect_timeout) == ("team-a", 2.5)
+    # The prefix comes back wrapped in braces: a Redis Cluster hash tag.
+    assert (settings.key_prefix, settings.connect_timeout) == ("{team-a}", 2.5)
     assert includes == ["my_project.ops"]
 
 

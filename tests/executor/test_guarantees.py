@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from dagster_taskiq.broker import LEASE_LABEL, PRIORITY_LABEL, QUEUE_LABEL, REPLY_LABEL
+from dagster_taskiq.config import DEFAULT_KEY_PREFIX as P
 from tests.conftest import start_redis, wait_for
 from tests.e2e.conftest import alive
 from tests.executor.conftest import REPO_FILE, run_config, worker_env
@@ -93,7 +94,7 @@ def test_a_consumer_whose_clock_runs_behind_keeps_its_lease(client, consumers, b
     consumers("other")
     server = redis.Redis.from_url(broker_url)
     now_ms = server.time()[0] * 1000
-    deadlines = [score for _, score in server.zrange("dagster-taskiq:leases", 0, -1,
+    deadlines = [score for _, score in server.zrange(f"{P}:leases", 0, -1,
                                                      withscores=True)]
     assert deadlines and all(now_ms < d <= now_ms + 3000 for d in deadlines), deadlines
     assert [r.result.return_value for r in client.replies(1, timeout=20)] == ["slow"]
@@ -105,11 +106,12 @@ def test_a_consumer_whose_clock_runs_behind_keeps_its_lease(client, consumers, b
 def test_a_worker_whose_clock_runs_behind_is_live_in_the_registry(broker_url):
     run_skewed("-1h", broker_url, """
 from dagster_taskiq.registry import WorkerInfo, publish
-await publish(broker.redis, "dagster-taskiq", WorkerInfo("w@h:1", "behind", "h", 1, ["q"], 1, 0.0))
+info = WorkerInfo("w@h:1", "behind", "h", 1, ["q"], 1, 0.0)
+await publish(broker.redis, broker.settings.key_prefix, info)
 """)
     listed = run_skewed("+0", broker_url, """
 from dagster_taskiq.registry import live_workers
-print([w.name for w in await live_workers(broker.redis, "dagster-taskiq")])
+print([w.name for w in await live_workers(broker.redis, broker.settings.key_prefix)])
 """)
     assert listed.strip() == "['behind']"
 
@@ -146,14 +148,14 @@ def test_a_worker_whose_registry_loop_dies_exits_non_zero(start_worker, broker_u
     which loop) instead of leaving a process that looks alive and is gone from the registry."""
     worker = start_worker(name="doomed")
     server = redis.Redis.from_url(broker_url)
-    server.delete("dagster-taskiq:workers")
-    server.set("dagster-taskiq:workers", "not a sorted set")  # WRONGTYPE for the next ZADD
+    server.delete(f"{P}:workers")
+    server.set(f"{P}:workers", "not a sorted set")  # WRONGTYPE for the next ZADD
     try:
         worker.process.wait(30)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the worker lives on without its registry loop:\n{worker.output()[-3000:]}")
     finally:
-        server.delete("dagster-taskiq:workers")
+        server.delete(f"{P}:workers")
     assert worker.process.returncode == 1
     assert "registry heartbeat of worker doomed" in worker.output()
 
@@ -260,7 +262,7 @@ def test_submitting_the_same_task_twice_queues_it_once(client, consumers, broker
         client.loop.run_until_complete(
             task.kicker().with_labels(**labels).with_task_id("fixed-id").kiq("once", 0.5))
     server = redis.Redis.from_url(broker_url)
-    assert server.zcard("dagster-taskiq:queue:dagster") == 1
+    assert server.zcard(f"{P}:queue:dagster") == 1
     consumers("a", concurrency=2)
     consumers("b", concurrency=2)
     assert [r.task_id for r in client.replies(1, timeout=20)] == ["fixed-id"]
@@ -275,14 +277,14 @@ def test_a_claim_whose_reply_was_lost_gets_the_same_task_back(client, broker_url
     a delivery and dropped a run)."""
     sent = client.send("claimed")
     broker = client.broker
-    claim = ["dagster-taskiq:leases", "dagster-taskiq:queue:dagster",
-             "dagster-taskiq:wake:dagster", "dagster-taskiq:claim:attempt-1"]
-    args = ["consumer-x", "dagster-taskiq", 1]
+    claim = [f"{P}:leases", f"{P}:queue:dagster",
+             f"{P}:wake:dagster", f"{P}:claim:attempt-1"]
+    args = ["consumer-x", P, 1]
     first = client.loop.run_until_complete(broker._run("claim", claim, args))
     again = client.loop.run_until_complete(broker._run("claim", claim, args))
     assert first[0].decode() == sent and again[0].decode() == sent
     assert first[2] == again[2] == 1, "the same delivery, not a second one"
-    other = [*claim[:-1], "dagster-taskiq:claim:attempt-2"]
+    other = [*claim[:-1], f"{P}:claim:attempt-2"]
     assert client.loop.run_until_complete(broker._run("claim", other, args)) is None
 
 
@@ -293,7 +295,7 @@ def test_a_reply_list_recreated_after_its_run_expires(client, broker_url):  # no
     server = redis.Redis.from_url(broker_url)
     server.delete(client.reply_to)  # the orchestrator is done and cleaned up
     task_ids = [m.decode().split("|", 1)[1]
-                for m in server.zrange("dagster-taskiq:queue:dagster", 0, -1)]
+                for m in server.zrange(f"{P}:queue:dagster", 0, -1)]
     states = client.loop.run_until_complete(client.broker.revoke(task_ids))
     assert list(states.values()) == ["dropped"]
     assert server.llen(client.reply_to) == 1
@@ -323,7 +325,7 @@ def test_a_step_left_queued_by_a_dead_orchestrator_never_runs_into_its_ended_run
     try:
         # The task in the broker, not the submit event: the event is written just before the
         # send, and a kill between the two (seen under CI load) leaves nothing queued.
-        wait_for(lambda: server.zcard("dagster-taskiq:queue:dagster"), 60,
+        wait_for(lambda: server.zcard(f"{P}:queue:dagster"), 60,
                  "the orchestrator to queue slow_0")
     finally:
         orchestrator.kill()
@@ -333,7 +335,7 @@ def test_a_step_left_queued_by_a_dead_orchestrator_never_runs_into_its_ended_run
     worker = start_worker()
     wait_for(lambda: "not running step slow_0" in worker.output(), 30, "the worker to skip it")
     assert not instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
-    wait_for(lambda: not server.keys("dagster-taskiq:task:*"), 10, "the task to be acknowledged")
+    wait_for(lambda: not server.keys(f"{P}:task:*"), 10, "the task to be acknowledged")
 
 
 ORCHESTRATOR = (
@@ -374,7 +376,7 @@ def test_a_lost_reply_is_settled_from_the_event_log(start_worker, instance, io_d
     try:
         wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
         orchestrator.send_signal(signal.SIGSTOP)
-        (task,) = server.keys("dagster-taskiq:task:*")
+        (task,) = server.keys(f"{P}:task:*")
         reply_to = server.hget(task, "reply_to")
         stolen = server.blpop([reply_to], timeout=20)
         orchestrator.send_signal(signal.SIGCONT)
@@ -402,7 +404,7 @@ def test_a_task_lost_with_redis_data_fails_its_step_instead_of_hanging(instance,
     orchestrator = _orchestrate("slow_chain_job", config, broker_url)
     server = redis.Redis.from_url(broker_url)
     try:
-        wait_for(lambda: server.keys("dagster-taskiq:task:*"), 60, "slow_0 to be queued")
+        wait_for(lambda: server.keys(f"{P}:task:*"), 60, "slow_0 to be queued")
         server.flushdb()
         wait_for(lambda: _run_status(instance) in ("SUCCESS", "FAILURE"), 60, "the run to end")
     finally:

@@ -97,8 +97,12 @@ def test_dagster_taskiq_is_vendored_identically(rendered: Rendered) -> None:
     source = REPO / "dagster_taskiq"
     vendored = rendered.path / "src" / "dagster_taskiq"
     assert not vendored.is_symlink()
-    wanted = sorted(p.name for p in source.glob("*.py"))
-    assert sorted(p.name for p in vendored.iterdir()) == wanted
+    # The modules and the Lua scripts they load (lua/*.lua), nothing else (no caches).
+    wanted = sorted(str(p.relative_to(source)) for p in source.rglob("*")
+                    if p.suffix in (".py", ".lua") and "__pycache__" not in p.parts)
+    assert "lua/claim.lua" in wanted
+    assert sorted(str(p.relative_to(vendored)) for p in vendored.rglob("*") if p.is_file()) \
+        == wanted
     _, mismatch, errors = filecmp.cmpfiles(source, vendored, wanted, shallow=False)
     assert mismatch == errors == []
     assert 'dagster-taskiq = "dagster_taskiq.cli:main"' in (

@@ -86,9 +86,10 @@ async def publish(redis: aioredis.Redis, prefix: str, info: WorkerInfo) -> bool:
         pipe.zadd(_workers_key(prefix), {info.id: int(info.heartbeat * 1000)})
         forget_before = int((info.heartbeat - FORGET_AFTER_SECONDS) * 1000)
         pipe.zremrangebyscore(_workers_key(prefix), "-inf", forget_before)
-        pipe.hexists(key, "stop")
+        # HGET, not HEXISTS: redis-py's cluster transactions fail on HEXISTS's reply parsing.
+        pipe.hget(key, "stop")
         *_, stop = await pipe.execute()
-    return bool(stop)
+    return stop is not None
 
 
 async def remove(redis: aioredis.Redis, prefix: str, worker_id: str) -> None:

@@ -1,0 +1,283 @@
+"""The key layout works on Redis Cluster: every key we write shares the prefix's hash tag.
+
+A workload goes through every broker script (kick, claim, heartbeat, ack, reap, release,
+revoke), the result backend and the worker registry; every key it leaves in Redis, at each
+step and at the end, must be under the prefix and hash to one Cluster slot. The same workload
+then runs against a real three-primary Redis Cluster, where a script or transaction whose keys
+spanned slots would fail (CROSSSLOT, or a key that is not local to the node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, ResponseError
+from taskiq import BrokerMessage
+from taskiq.result import TaskiqResult
+
+from dagster_taskiq import registry
+from dagster_taskiq.broker import (
+    LEASE_LABEL,
+    PRIORITY_LABEL,
+    QUEUE_LABEL,
+    REPLY_LABEL,
+    RUN,
+    SCRIPTS,
+    RedisLeaseBroker,
+)
+from dagster_taskiq.config import TASK_EXECUTE_JOB, BrokerSettings
+from dagster_taskiq.results import RedisReplyBackend
+from tests.conftest import free_port, wait_for
+
+# Every kind of key the workload must have made (so an assertion over "all keys" is not empty).
+SEGMENTS = {"task", "queue", "runs", "wake", "wakeruns", "seq", "leases", "claim", "reply",
+            "result", "workers", "worker"}
+
+Adopt = Callable[[RedisLeaseBroker | RedisReplyBackend], None]
+
+
+def message(task_id: str, queue: str, reply_to: str, lease: float = 30.0,
+            task_name: str = "record") -> BrokerMessage:
+    labels = {QUEUE_LABEL: queue, PRIORITY_LABEL: 0, LEASE_LABEL: lease, REPLY_LABEL: reply_to}
+    return BrokerMessage(task_id=task_id, task_name=task_name, message=b"{}", labels=labels)
+
+
+async def exercise(settings: BrokerSettings, keys: Callable[[], Awaitable[list[bytes]]],
+                   adopt: Adopt | None = None) -> set[bytes]:
+    """Run every script, the results and the registry once; returns every key seen in Redis
+    after each step. ``adopt`` hands a broker or backend another client (a cluster's)."""
+    prefix = settings.key_prefix
+    reply_to = f"{prefix}:reply:run-1:{uuid.uuid4().hex}"  # as the orchestrator names it
+    client = RedisLeaseBroker(settings)
+    steps = RedisLeaseBroker(settings, queues=["dagster", "other"], holder="steps@h:1",
+                             block_seconds=0.1)
+    runs = RedisLeaseBroker(settings, queues=["dagster"], holder="runs@h:1", block_seconds=0.1,
+                            kind=RUN)
+    backend = RedisReplyBackend(settings)
+    parts = (client, steps, runs, backend)
+    for part in parts if adopt else ():
+        adopt(part)
+    seen: set[bytes] = set()
+
+    async def snapshot() -> None:
+        seen.update(await keys())
+
+    try:
+        await client.kick(message("a", "dagster", reply_to))
+        await client.kick(message("b", "other", reply_to))
+        await client.kick(message("c", "dagster", reply_to, lease=0.3))
+        await client.kick(message("r", "dagster", reply_to, lease=0.3, task_name=TASK_EXECUTE_JOB))
+        await snapshot()
+
+        step_messages, run_messages = steps.listen(), runs.listen()
+        claimed = [await anext(step_messages) for _ in range(3)]
+        await anext(run_messages)
+        assert set(steps._held) == {"a", "b", "c"} and set(runs._held) == {"r"}
+        await snapshot()
+        assert await steps.heartbeat() == ([], [])
+        await snapshot()
+
+        result = TaskiqResult(is_err=False, return_value="done", execution_time=0.1,
+                              labels={REPLY_LABEL: reply_to})
+        await backend.set_result("a", result)
+        await claimed[0].ack()  # "a": the first by sequence on the preferred queue
+        assert "a" not in steps._held
+        await snapshot()
+
+        await client.kick(message("d", "dagster", reply_to))
+        assert await client.revoke(["d", "b"]) == {"d": "dropped", "b": "running:steps@h:1"}
+        await snapshot()
+
+        await asyncio.sleep(0.6)  # the 0.3 s leases of c and r run out
+        assert sorted(await client.reap()) == ["c"]  # r, a run, is dropped
+        await snapshot()
+        assert await steps.release_held() == ["b"]  # c was requeued, so no longer ours
+        await step_messages.aclose()
+        await run_messages.aclose()
+        await snapshot()
+
+        worker = registry.WorkerInfo("w-1", "w", "h", 1, ["dagster"], 1, time.time())
+        await registry.publish(steps.redis, prefix, worker)
+        await registry.request_stop(steps.redis, prefix, worker.id)
+        assert [w.id for w in await registry.live_workers(steps.redis, prefix)] == ["w-1"]
+        await snapshot()
+
+        replies = await backend.wait_replies(reply_to, 1.0)
+        assert {(r.task_id, r.revoked_reason is None) for r in replies} == {
+            ("a", True), ("d", False), ("r", False)}
+        assert (await backend.get_result("a")).return_value == "done"
+        await snapshot()
+    finally:
+        for part in parts:
+            await part.shutdown()
+    return seen
+
+
+def assert_one_slot(seen: set[bytes], prefix: str, tag: str) -> None:
+    names = sorted(k.decode() for k in seen)
+    assert all(name.startswith(f"{prefix}:") for name in names), names
+    assert {name.removeprefix(f"{prefix}:").split(":", 1)[0] for name in names} >= SEGMENTS
+    assert {key_slot(k) for k in seen} == {key_slot(tag.encode())}, names
+
+
+@pytest.mark.parametrize(("given", "prefix", "tag"), [
+    (None, "{dagster-taskiq}", "dagster-taskiq"),
+    ("team-a", "{team-a}", "team-a"),  # wrapped in braces
+    ("{team}-a", "{team}-a", "team"),  # has a tag: kept as given
+])
+def test_every_key_of_a_workload_maps_to_one_slot(broker_url: str, given: str | None,
+                                                  prefix: str, tag: str) -> None:
+    options = {} if given is None else {"key_prefix": given}
+    settings = BrokerSettings.from_config(broker_url, config_source=options)
+    assert settings.key_prefix == prefix
+    server = redis.Redis.from_url(broker_url)
+
+    async def keys() -> list[bytes]:
+        return server.keys("*")  # the database was emptied for this test: all of it is ours
+
+    seen = asyncio.run(exercise(settings, keys))
+    assert_one_slot(seen, prefix, tag)
+    assert set(server.keys("*")) <= seen
+
+
+def test_a_reply_list_outside_the_prefix_is_refused(broker_url: str) -> None:
+    settings = BrokerSettings.from_config(broker_url)
+
+    async def kick() -> None:
+        broker = RedisLeaseBroker(settings)
+        try:
+            await broker.kick(message("x", "dagster", "elsewhere:replies"))
+        finally:
+            await broker.shutdown()
+
+    with pytest.raises(ValueError, match="not under the key prefix"):
+        asyncio.run(kick())
+
+
+# -- a real Redis Cluster -----------------------------------------------------------------
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+@pytest.fixture(scope="module")
+def cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    """Three primaries, no replicas, on free ports; every process stopped by its own handle."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are needed for a cluster")
+    ports = [free_port() for _ in range(3)]
+    # The bus port defaults to port + 10000, which a high free port would push past 65535.
+    bus_ports = [free_port() for _ in range(3)]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for port, bus_port in zip(ports, bus_ports, strict=True):
+            directory: Path = tmp_path_factory.mktemp(f"cluster-{port}")
+            with open(directory / "redis.log", "wb") as log:
+                processes.append(subprocess.Popen(
+                    ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                     "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                     "--cluster-config-file", "nodes.conf",
+                     "--dir", str(directory), "--save", "", "--appendonly", "no"],
+                    stdout=log, stderr=subprocess.STDOUT))
+        for port in ports:
+            wait_for(lambda port=port: _answers(port), 10, f"cluster node on {port}")
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for port in ports:
+            wait_for(lambda port=port: _cluster_ok(port), 30, f"cluster state ok on {port}",
+                     interval=0.2)
+        yield ports
+    finally:
+        _stop(processes)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with redis.Redis(port=port, socket_timeout=1) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _cluster_ok(port: int) -> bool:
+    with redis.Redis(port=port, socket_timeout=1) as client:
+        return client.cluster("info").get("cluster_state") == "ok"
+
+
+def _cluster_client(ports: list[int]) -> RedisCluster:
+    return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in ports],
+                        socket_timeout=5)
+
+
+def _adopter(cluster: RedisCluster) -> Adopt:
+    """Point a broker (and its scripts) or backend at the cluster. The broker does not take
+    cluster URLs yet, so the test hands it the client; everything else is the broker's code."""
+
+    def adopt(part: RedisLeaseBroker | RedisReplyBackend) -> None:
+        part._redis = cluster  # type: ignore[assignment]
+        if isinstance(part, RedisLeaseBroker):
+            part._scripts = {name: cluster.register_script(source)
+                             for name, source in SCRIPTS.items()}
+
+    return adopt
+
+
+def test_every_script_runs_on_a_real_cluster(cluster_ports: list[int]) -> None:
+    settings = BrokerSettings.from_config("redis://127.0.0.1:1/0")  # the URL goes unused
+    seen: set[bytes] = set()
+
+    async def main() -> None:
+        cluster = _cluster_client(cluster_ports)
+        try:
+            await cluster.flushall(target_nodes=RedisCluster.PRIMARIES)
+
+            async def keys() -> list[bytes]:
+                return await cluster.keys("*", target_nodes=RedisCluster.PRIMARIES)
+
+            # The parts share the client; shutdown closing it more than once is harmless.
+            seen.update(await exercise(settings, keys, _adopter(cluster)))
+        finally:
+            await cluster.aclose()
+
+    asyncio.run(main())
+    assert_one_slot(seen, settings.key_prefix, "dagster-taskiq")
+
+
+def test_a_prefix_without_a_hash_tag_would_fail_on_a_cluster(cluster_ports: list[int]) -> None:
+    """The control: the same submit with a tagless prefix (forced past the settings, which
+    would wrap it) spans slots, and the cluster refuses it."""
+    settings = BrokerSettings.from_config("redis://127.0.0.1:1/0")
+    object.__setattr__(settings, "key_prefix", "dagster-taskiq")
+
+    async def main() -> None:
+        cluster = _cluster_client(cluster_ports)
+        broker = RedisLeaseBroker(settings)
+        _adopter(cluster)(broker)
+        try:
+            with pytest.raises((RedisClusterException, ResponseError)):
+                await broker.kick(message("x", "dagster", "dagster-taskiq:replies"))
+        finally:
+            await cluster.aclose()
+
+    asyncio.run(main())
+
