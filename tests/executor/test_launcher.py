@@ -18,6 +18,7 @@ from dagster._core.launcher import WorkerStatus
 from dagster._daemon.monitoring.run_monitoring import monitor_started_run, monitor_starting_run
 
 from dagster_taskiq.broker import BrokerUnavailable
+from dagster_taskiq.config import DEFAULT_KEY_PREFIX as P
 from dagster_taskiq.launcher import TaskiqRunLauncher
 from dagster_taskiq.tags import TASKIQ_TASK_ID_TAG
 from tests.conftest import start_redis, wait_for
@@ -289,7 +290,7 @@ def test_a_queued_resume_is_healthy_and_never_stacked(start_worker, dagster_home
         logs = _logs(instance, run.run_id)
         assert logs.count("Resuming run") == 1, logs
         server = redis.Redis.from_url(broker_url)
-        assert server.zcard(f"dagster-taskiq:runs:{QUEUE}") == 1
+        assert server.zcard(f"{P}:runs:{QUEUE}") == 1
         health = launcher.check_run_worker_health(instance.get_run_by_id(run.run_id))
         assert health.status == WorkerStatus.RUNNING and "waiting for a free worker" in health.msg
         start_worker(queues=[QUEUE])
@@ -373,12 +374,12 @@ def test_terminating_a_run_whose_orchestrator_died_drops_its_queued_steps(start_
     worker = start_worker(queues=[QUEUE])  # runs only: the steps' queue has no worker
     run = _launch(launcher_instance, "taskiq_recorded_chain")
     server = redis.Redis.from_url(broker_url)
-    wait_for(lambda: server.zcard("dagster-taskiq:queue:dagster"), 60, "the first step queued")
+    wait_for(lambda: server.zcard(f"{P}:queue:dagster"), 60, "the first step queued")
     worker.kill()
     assert launcher_instance.run_launcher.terminate(run.run_id)
-    assert server.zcard("dagster-taskiq:queue:dagster") == 0
+    assert server.zcard(f"{P}:queue:dagster") == 0
     # Left: only the run's own task, leased by the dead worker, flagged to go when its lease
     # runs out.
     run_task = launcher_instance.get_run_by_id(run.run_id).tags[TASKIQ_TASK_ID_TAG]
-    assert server.keys("dagster-taskiq:task:*") == [f"dagster-taskiq:task:{run_task}".encode()]
-    assert server.hget(f"dagster-taskiq:task:{run_task}", "cancel") == b"1"
+    assert server.keys(f"{P}:task:*") == [f"{P}:task:{run_task}".encode()]
+    assert server.hget(f"{P}:task:{run_task}", "cancel") == b"1"
