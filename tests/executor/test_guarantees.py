@@ -445,3 +445,27 @@ def test_a_submit_during_a_redis_restart_waits_for_it(tmp_path):
         sender.close()
         server.process.kill()
         server.process.wait(10)
+
+
+def test_a_finished_run_leaves_only_fixed_structures_in_redis(start_worker, instance, io_dir,
+                                                              broker_url):
+    """No per-task or per-run key outlives a finished run: tasks are deleted when acknowledged,
+    step results travel on the run's reply list only (before, each was also kept 7 days and
+    never read), and the reply list is deleted when the run ends."""
+    start_worker()
+    out: list = []
+    _run_in_thread("test_diamond_job", run_config(io_dir, broker_url), out).join(120)
+    assert out and out[0].success
+    server = redis.Redis.from_url(broker_url)
+
+    def kind(key: bytes) -> str:
+        return key.decode()[len(P) + 1:].split(":", 1)[0]
+
+    def per_run_keys() -> list[str]:
+        return [key.decode() for key in server.scan_iter(f"{P}:*")
+                if kind(key) in ("task", "result", "reply")]
+
+    wait_for(lambda: not per_run_keys(), 10, "the run's keys to go")
+    # A claim record outlives its claim by design (a retried claim finds it), but not long.
+    claims = [key for key in server.scan_iter(f"{P}:*") if kind(key) == "claim"]
+    assert all(0 < server.ttl(key) <= 60 for key in claims), claims
