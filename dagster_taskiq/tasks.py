@@ -40,6 +40,7 @@ from dagster._serdes import deserialize_value, serialize_value
 from dagster._utils.error import serializable_error_info_from_exc_info
 from taskiq import AsyncBroker, Context, TaskiqDepends
 
+from dagster_taskiq.broker import RUN, STEP
 from dagster_taskiq.config import TASK_EXECUTE_JOB, TASK_EXECUTE_PLAN, TASK_RESUME_JOB
 from dagster_taskiq.event_log import TASK_ID_METADATA
 
@@ -65,10 +66,10 @@ class StepRunner(Protocol):
     """Loads what a task needs, then runs its body somewhere (inline, or in a child process)
     and returns its outcome. ``label`` says what it is (for the worker registry and logs)."""
 
-    def prepare(self, load: Callable[[], T]) -> Awaitable[T]: ...
+    def prepare(self, load: Callable[[], T], task_id: str = "") -> Awaitable[T]: ...
 
     def run(
-        self, task_id: str, body: Callable[[], StepOutcome], label: str
+        self, task_id: str, body: Callable[[], StepOutcome], label: str, kind: str = STEP
     ) -> Awaitable[StepOutcome]: ...
 
 
@@ -76,10 +77,11 @@ class InlineStepRunner:
     """Eager mode: the step runs in this (the orchestrating) process, on a thread of its own
     because Dagster runs its own event loop inside step execution."""
 
-    async def prepare(self, load: Callable[[], T]) -> T:
+    async def prepare(self, load: Callable[[], T], task_id: str = "") -> T:
         return load()
 
-    async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str) -> StepOutcome:
+    async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str,
+                  kind: str = STEP) -> StepOutcome:
         return await asyncio.to_thread(body)
 
 
@@ -268,7 +270,8 @@ async def execute_plan(
     worker: str = getattr(context.state, "worker_name", None) or worker_label()
     try:
         step = await runner.prepare(
-            lambda: prepare_step(step_args, job_pointer, worker, context.message.task_id))
+            lambda: prepare_step(step_args, job_pointer, worker, context.message.task_id),
+            context.message.task_id)
     except Exception:
         # Said here too: the orchestrator records it as the step's failure, but whoever
         # looks at this worker (its code or environment is what is wrong) sees it first.
@@ -306,13 +309,15 @@ async def _run_task(run_args: str, resume: bool, context: Context) -> StepOutcom
         args = deserialize_value(run_args, (ExecuteRunArgs, ResumeRunArgs))
         instance = await runner.prepare(
             lambda: LOADED.instance(args.instance_ref) if args.instance_ref
-            else DagsterInstance.get()
+            else DagsterInstance.get(),
+            context.message.task_id,
         )
         run = PreparedRun(args.run_id, instance, resume)
     except Exception:
         return error_outcome()
     verb = "resume" if resume else "run"
-    return await runner.run(context.message.task_id, run.execute, f"{verb} {args.run_id}")
+    return await runner.run(context.message.task_id, run.execute, f"{verb} {args.run_id}",
+                            kind=RUN)
 
 
 async def execute_job(run_args: str, context: Context = TaskiqDepends()) -> StepOutcome:

@@ -52,15 +52,21 @@ logger = logging.getLogger("dagster_taskiq.worker")
 
 T = TypeVar("T")
 
-KILL_GRACE_SECONDS = 5.0  # SIGINT first (Dagster records the interruption), then SIGKILL
+# On cancel: SIGINT first (Dagster records the interruption), SIGKILL after the grace. A run's
+# orchestrator gets longer than its steps: it waits for their replies before it records
+# RUN_CANCELED, and killing it first would leave the run CANCELING.
+KILL_GRACE_SECONDS = 5.0
+RUN_KILL_GRACE_SECONDS = 30.0
 
 
 @dataclass
 class _Child:
     pid: int
     label: str
+    grace: float
     started: float = field(default_factory=time.time)
     released: bool = False
+    cancelling: bool = False
 
 
 class ChildProcessRunner:
@@ -68,26 +74,53 @@ class ChildProcessRunner:
 
     def __init__(self) -> None:
         self._children: dict[str, _Child] = {}  # task id -> child
+        self._preparing: set[str] = set()
+        # Tasks released or cancelled while they were still being prepared: they never fork.
+        self._stop_before_fork: dict[str, str] = {}
         self._reaping: set[asyncio.Task[int]] = set()
         self._forking = asyncio.Lock()
 
-    async def prepare(self, load: Callable[[], T]) -> T:
+    async def prepare(self, load: Callable[[], T], task_id: str = "") -> T:
         """Load what a task needs (user code on first use, the instance, the run) on a thread,
         so heartbeats go on meanwhile; never while a fork happens (the child would inherit
         half-taken locks)."""
-        async with self._forking:
-            return await asyncio.to_thread(load)
+        self._preparing.add(task_id)
+        try:
+            async with self._forking:
+                return await asyncio.to_thread(load)
+        except BaseException:
+            self._forget_prepared(task_id)
+            raise
 
-    async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str) -> StepOutcome:
-        read_fd, write_fd = os.pipe()
+    def _forget_prepared(self, task_id: str) -> str | None:
+        self._preparing.discard(task_id)
+        return self._stop_before_fork.pop(task_id, None)
+
+    async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str,
+                  kind: str = STEP) -> StepOutcome:
+        grace = RUN_KILL_GRACE_SECONDS if kind == RUN else KILL_GRACE_SECONDS
         parent = os.getpid()
         async with self._forking:
-            pid = os.fork()
-            if pid == 0:  # the child: run the body, write its outcome, leave without cleanup
-                os.close(read_fd)
-                _child_main(body, write_fd, parent)
-        os.close(write_fd)
-        child = self._children[task_id] = _Child(pid, label)
+            stopped = self._forget_prepared(task_id)
+            if stopped is None:
+                # The pipe is made under the lock and its write end closed before the lock is
+                # let go: no other task's child can inherit it (and hold its EOF back).
+                read_fd, write_fd = os.pipe()
+                pid = os.fork()
+                if pid == 0:  # the child: run the body, write its outcome, leave without cleanup
+                    os.close(read_fd)
+                    _child_main(body, write_fd, parent)
+                os.close(write_fd)
+                # Also set here, so its process group exists before anyone may signal it.
+                with contextlib.suppress(OSError):
+                    os.setpgid(pid, pid)
+        if stopped == "released":
+            logger.info("Task %s: handed back before it started (%s).", task_id, label)
+            raise NoResultError
+        if stopped == "cancelled":
+            logger.info("Task %s: cancelled before it started (%s).", task_id, label)
+            return {"events": [], "error": None, "crashed": False, "skipped": "canceling"}
+        child = self._children[task_id] = _Child(pid, label, grace)
         logger.info("Task %s: %s (child %d).", task_id, label, pid)
         try:
             data = await _read_all(read_fd)
@@ -109,24 +142,35 @@ class ChildProcessRunner:
             raise NoResultError  # handed back to the queue: another worker will answer
         return _crash_outcome(pid, exit_code)
 
-    def kill(self, task_id: str, grace: float = KILL_GRACE_SECONDS) -> None:
-        """Stop a running task: SIGINT its process group, SIGKILL after ``grace`` seconds."""
+    def kill(self, task_id: str, grace: float | None = None) -> None:
+        """Stop a task: SIGINT its process group once (a second SIGINT means "force quit" to
+        tools such as dbt), SIGKILL after its grace; ``grace=0`` kills at once."""
         child = self._children.get(task_id)
         if child is None:
+            if task_id in self._preparing:
+                self._stop_before_fork.setdefault(task_id, "cancelled")
             return
+        if grace is None and child.cancelling:
+            return  # the heartbeat repeats the request every second: it was delivered
         logger.warning("Stopping task %s (%s, child %d).", task_id, child.label, child.pid)
+        grace = child.grace if grace is None else grace
         if grace <= 0:
             self._signal(child.pid, signal.SIGKILL)
             return
+        child.cancelling = True
         self._signal(child.pid, signal.SIGINT)
         asyncio.get_running_loop().call_later(grace, self._force_kill, task_id, child.pid)
 
     def release(self, task_id: str) -> None:
-        """Kill the task at once and give no result (its message goes back to the queue)."""
+        """Kill the task at once and give no result (its message goes back to the queue); one
+        still being prepared never starts."""
         child = self._children.get(task_id)
-        if child is not None:
-            child.released = True
-            self.kill(task_id, grace=0)
+        if child is None:
+            if task_id in self._preparing:
+                self._stop_before_fork[task_id] = "released"
+            return
+        child.released = True
+        self.kill(task_id, grace=0)
 
     def _force_kill(self, task_id: str, pid: int) -> None:
         child = self._children.get(task_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -137,3 +138,17 @@ def taskiq_recorded_chain():
     value = return_one()
     for i in range(3):
         value = _recorded_op(f"recorded_{i}")(value)
+
+
+@op
+def stubborn_op():
+    """Ignores SIGINT (as a tool busy cleaning up does): only SIGKILL stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+@job(executor_def=taskiq_executor, resource_defs={"io_manager": FilesystemIOManager()})
+def taskiq_stubborn_job():
+    stubborn_op()

@@ -383,3 +383,16 @@ def test_terminating_a_run_whose_orchestrator_died_drops_its_queued_steps(start_
     run_task = launcher_instance.get_run_by_id(run.run_id).tags[TASKIQ_TASK_ID_TAG]
     assert server.keys(f"{P}:task:*") == [f"{P}:task:{run_task}".encode()]
     assert server.hget(f"{P}:task:{run_task}", "cancel") == b"1"
+
+
+def test_a_terminated_run_ends_canceled_even_when_its_step_ignores_sigint(start_worker,
+                                                                         launcher_instance):
+    """The step needs its SIGKILL (5 s after SIGINT); the run's orchestrator, given the same
+    5 s before, was killed just as it was about to record RUN_CANCELED (the run stayed
+    CANCELING). It now has longer than its steps."""
+    start_worker(queues=[QUEUE, "dagster"], concurrency=2)
+    run = _launch(launcher_instance, "taskiq_stubborn_job")
+    _step_started(launcher_instance, run.run_id)
+    assert launcher_instance.run_launcher.terminate(run.run_id)
+    finished = _finished(launcher_instance, run.run_id, timeout=45)
+    assert finished.status == DagsterRunStatus.CANCELED, _logs(launcher_instance, run.run_id)
