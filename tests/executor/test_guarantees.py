@@ -469,3 +469,41 @@ def test_a_finished_run_leaves_only_fixed_structures_in_redis(start_worker, inst
     # A claim record outlives its claim by design (a retried claim finds it), but not long.
     claims = [key for key in server.scan_iter(f"{P}:*") if kind(key) == "claim"]
     assert all(0 < server.ttl(key) <= 60 for key in claims), claims
+
+
+def test_a_busy_server_is_waited_out(tmp_path):
+    """Someone's long Lua script makes Redis answer BUSY to everyone else: a transient reply
+    like LOADING, retried with backoff (before, a bare ResponseError that failed the call)."""
+    import threading
+
+    from dagster_taskiq.client import TaskiqClient
+    from dagster_taskiq.config import TASK_EXECUTE_PLAN, BrokerSettings
+
+    server = start_redis(tmp_path, None, "--busy-reply-threshold", "100")
+    sender = TaskiqClient(BrokerSettings.from_config(server.url(), None, None), patience=30)
+    try:
+        sender.start()
+        busy_loop = ("local s = tonumber(redis.call('TIME')[1]) "
+                     "while tonumber(redis.call('TIME')[1]) - s < 3 do end return 1")
+        blocker = threading.Thread(target=lambda: server.client().eval(busy_loop, 0))
+        blocker.start()
+
+        def busy() -> bool:
+            try:
+                server.client().ping()
+            except redis.ResponseError as exc:
+                return "busy" in str(exc).lower()
+            return False
+
+        wait_for(busy, 5, "Redis to answer BUSY")
+        started = time.monotonic()
+        task_id = sender.send(TASK_EXECUTE_PLAN, ["{}", {}],
+                              {QUEUE_LABEL: "dagster", PRIORITY_LABEL: 5, LEASE_LABEL: 5,
+                               REPLY_LABEL: ""})
+        assert time.monotonic() - started >= 0.5, "it was sent while Redis was busy"
+        assert sender.task_state(task_id)
+        blocker.join(10)
+    finally:
+        sender.close()
+        server.process.kill()
+        server.process.wait(10)

@@ -46,6 +46,7 @@ from redis.exceptions import (
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -69,11 +70,32 @@ PRIORITY_LABEL = "priority"
 LEASE_LABEL = "lease_seconds"
 REPLY_LABEL = "reply_to"
 
+
+
+class RedisBusyError(ResponseError):
+    """BUSY: the server is running someone's long script; it answers again once that ends."""
+
+
+def _classify_busy() -> None:
+    # redis-py maps each error reply's first word to an exception class in one table shared by
+    # all its parsers; BUSY is not in it (it would be a bare ResponseError, never retried).
+    try:
+        from redis._parsers.base import BaseParser
+    except ImportError:  # a redis-py that moved it: BUSY is then not retried
+        logger.debug("Cannot classify Redis's BUSY reply with this redis-py.")
+        return
+    BaseParser.EXCEPTION_CLASSES.setdefault("BUSY", RedisBusyError)
+
+
+_classify_busy()
+
 # Failures that pass: reconnect or retry with backoff. Besides lost connections, the replies a
 # healthy deployment gives for a while: READONLY (a failover demoted our primary), LOADING (a
 # restart reads its data), OOM (noeviction and full), MASTERDOWN (a replica lost its primary),
-# NOSCRIPT (a restart forgot our scripts; redis-py reloads them), TRYAGAIN and CLUSTERDOWN.
+# BUSY (a long script), NOSCRIPT (a restart forgot our scripts; redis-py reloads them),
+# TRYAGAIN and CLUSTERDOWN.
 REDIS_ERRORS = (
+    RedisBusyError,
     RedisConnectionError,
     RedisTimeoutError,
     OSError,
