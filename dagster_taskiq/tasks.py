@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from dagster import DagsterInstance
-from dagster._cli.api import _execute_run_command_body, _resume_run_command_body
 from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.events import EngineEventData
 from dagster._core.execution.api import execute_plan_iterator
@@ -295,9 +294,15 @@ class PreparedRun:
     resume: bool
 
     def execute(self) -> StepOutcome:
+        # Imported here: Dagster's CLI package is large and private, and the webserver and the
+        # daemon import this module (through the run launcher) without ever running a run.
+        from dagster._cli.api import _execute_run_command_body, _resume_run_command_body
+
         body = _resume_run_command_body if self.resume else _execute_run_command_body
         try:
-            exit_code = body(self.run_id, self.instance, lambda _event: None, True)
+            exit_code = body(run_id=self.run_id, instance=self.instance,
+                             write_stream_fn=lambda _event: None,
+                             set_exit_code_on_failure=True)
         except BaseException:
             return error_outcome()
         return {"events": [], "error": None, "crashed": False, "exit_code": exit_code}

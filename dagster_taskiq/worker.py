@@ -303,6 +303,9 @@ async def run_worker(options: WorkerOptions) -> None:
     """Serve ``options.queues`` until SIGTERM/SIGINT or ``worker terminate``; then take no new
     tasks, let running ones finish for up to ``shutdown_timeout`` seconds, and hand whatever
     still runs back to its queue. A second signal does that at once."""
+    # Loaded here once, so every task's child inherits it: what runs need (Dagster's run
+    # entry points), then the user's modules.
+    importlib.import_module("dagster._cli.api")
     for module in options.includes:
         importlib.import_module(module)
     if not log_mirror.install():
