@@ -236,6 +236,10 @@ class Cluster:
                 stop(worker.process, signal.SIGTERM, timeout=15)
 
 
+def _listening(log: Path) -> bool:
+    return "Listening started" in log.read_text(errors="replace")
+
+
 def _stopped_consuming(log: Path) -> bool:
     """taskiq's receiver logs this when its listen loop ends; we never asked it to."""
     text = log.read_text(errors="replace")
@@ -314,22 +318,26 @@ class Injector:
         self.cluster, self.redis, self.rng, self.heartbeat = cluster, redis, rng, heartbeat
         self.stopped: Worker | None = None
 
-    def victim(self, records: Records) -> tuple[Worker | None, int]:
-        """A worker to hit (never the skewed one, it stays for the whole soak): one running a
-        step if any. Returns it and how many steps it runs."""
+    def victim(self, records: Records, any_ready: bool) -> tuple[Worker | None, int]:
+        """A worker to hit (never the skewed one: it stays for the whole soak), one running a
+        step; with ``any_ready``, else any that listens. Returns it and how many steps it
+        runs."""
         busy = self.cluster.busy(records)
         candidates = [w for w in self.cluster.live() if not w.skewed and w.pid
-                      and w.process.poll() is None]
-        if not candidates:
-            return None, 0
+                      and w.process.poll() is None and _listening(w.log)]
         running = [w for w in candidates if busy.get(w.pid)]
+        if not running and not any_ready:
+            return None, 0
+        if not (running or candidates):
+            return None, 0
         chosen = self.rng.choice(running or candidates)
         return chosen, len(busy.get(chosen.pid, []))
 
-    def inject(self, kind: str, records: Records) -> Fault | None:
+    def inject(self, kind: str, records: Records, any_ready: bool) -> Fault | None:
+        """Inject one fault of ``kind``; None if a worker fault found no victim yet."""
         fault = Fault(kind, now())
         if kind in WORKER_KINDS:
-            worker, busy = self.victim(records)
+            worker, busy = self.victim(records, any_ready)
             if worker is None:
                 return None
             fault.target, fault.target_pid, fault.busy_at_fault = worker.name, worker.pid, busy
@@ -605,7 +613,6 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     cluster: Cluster | None = None
     runs = [Run(i, run_durations(rng, args.heartbeat_timeout)) for i in range(args.runs)]
     faults: list[Fault] = []
-    skipped_faults = 0
     records = Records(work / "records.jsonl")
     injector: Injector | None = None
 
@@ -633,7 +640,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         plan = fault_plan(rng)
         pending = list(runs)
         active: list[Run] = []
-        next_fault = now() + args.first_fault
+        next_fault = due = now() + args.first_fault
         kind = next(plan)
         while pending or active:
             while pending and len(active) < args.concurrent_runs:
@@ -658,17 +665,17 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             cluster.check()
             if active and now() >= next_fault:
                 records.refresh()
-                fault = injector.inject(kind, records)
+                # A worker fault waits up to --victim-wait s for a worker running a step.
+                fault = injector.inject(kind, records, now() - due > args.victim_wait)
                 if fault is None:
-                    skipped_faults += 1
-                    next_fault = now() + 1.0
+                    next_fault = now() + 0.5
                 else:
                     faults.append(fault)
                     print(f"fault {len(faults)}: {kind} {fault.target or ''} "
                           f"(busy {fault.busy_at_fault}, {fault.lifted - fault.at:.1f} s)",
                           flush=True)
                     kind = next(plan)
-                    next_fault = now() + rng.uniform(args.gap_min, args.gap_max)
+                    next_fault = due = now() + rng.uniform(args.gap_min, args.gap_max)
             time.sleep(0.2)
         elapsed = now() - started
         time.sleep(2 * TICK_SECONDS)  # last lines of anything still alive
@@ -752,6 +759,9 @@ def main() -> int:
     parser.add_argument("--gap-min", type=float, default=5.0,
                         help="least seconds between one fault's end and the next")
     parser.add_argument("--gap-max", type=float, default=10.0)
+    parser.add_argument("--victim-wait", type=float, default=15.0,
+                        help="how long a worker fault waits for a worker running a step "
+                        "before it hits an idle one")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (logs, records) even without violations")
     parser.add_argument("--out", type=Path)
