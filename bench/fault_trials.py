@@ -13,42 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.conftest import start_redis, wait_for  # noqa: E402
+from _harness import ROOT, bench_env, make_dagster_home, start_worker, stop
+
+from tests.conftest import start_redis, wait_for
 
 REPO_FILE = str(ROOT / "tests" / "executor" / "repo.py")
-CLI = str(Path(sys.executable).parent / "dagster-taskiq")
-
-
-def start_worker(name: str, env: dict[str, str], logs: Path) -> subprocess.Popen:
-    log = logs / f"{name}.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([CLI, "worker", "start", "-n", name], stdout=out,
-                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    wait_for(lambda: "Listening started" in log.read_text(), 60, f"worker {name}")
-    return process
-
-
-def stop(process: subprocess.Popen, sig: signal.Signals = signal.SIGTERM) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def trial(index: int, broker: str, env: dict[str, str], work: Path, heartbeat: float,
@@ -111,14 +90,10 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dagster-taskiq-faults-"))
-    home = work / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    os.environ["DAGSTER_HOME"] = str(home)
+    make_dagster_home(work)
     redis = start_redis(work)
     broker = redis.url()
-    env = {**os.environ, "DAGSTER_TASKIQ_BROKER_URL": broker,
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "executor"), str(ROOT)])}
+    env = bench_env(broker, ROOT / "tests" / "executor")
     results = []
     try:
         for index in range(args.trials):
