@@ -76,26 +76,33 @@ class RedisBusyError(ResponseError):
     """BUSY: the server is running someone's long script; it answers again once that ends."""
 
 
-def _classify_busy() -> None:
+class RedisUnblockedError(ResponseError):
+    """UNBLOCKED: a blocking read was ended by the server changing role (a primary demoted to
+    replica in a failover); the same read succeeds against the new primary."""
+
+
+def _classify_transient_replies() -> None:
     # redis-py maps each error reply's first word to an exception class in one table shared by
-    # all its parsers; BUSY is not in it (it would be a bare ResponseError, never retried).
+    # all its parsers; these two are not in it (bare ResponseErrors, never retried).
     try:
         from redis._parsers.base import BaseParser
-    except ImportError:  # a redis-py that moved it: BUSY is then not retried
-        logger.debug("Cannot classify Redis's BUSY reply with this redis-py.")
+    except ImportError:  # a redis-py that moved it: these replies are then not retried
+        logger.debug("Cannot classify Redis's BUSY and UNBLOCKED replies with this redis-py.")
         return
     BaseParser.EXCEPTION_CLASSES.setdefault("BUSY", RedisBusyError)
+    BaseParser.EXCEPTION_CLASSES.setdefault("UNBLOCKED", RedisUnblockedError)
 
 
-_classify_busy()
+_classify_transient_replies()
 
 # Failures that pass: reconnect or retry with backoff. Besides lost connections, the replies a
 # healthy deployment gives for a while: READONLY (a failover demoted our primary), LOADING (a
 # restart reads its data), OOM (noeviction and full), MASTERDOWN (a replica lost its primary),
-# BUSY (a long script), NOSCRIPT (a restart forgot our scripts; redis-py reloads them),
-# TRYAGAIN and CLUSTERDOWN.
+# BUSY (a long script), UNBLOCKED (a blocking read cut by a demotion), NOSCRIPT (a restart
+# forgot our scripts; redis-py reloads them), TRYAGAIN and CLUSTERDOWN.
 REDIS_ERRORS = (
     RedisBusyError,
+    RedisUnblockedError,
     RedisConnectionError,
     RedisTimeoutError,
     OSError,
@@ -203,7 +210,8 @@ class RedisLeaseBroker(AsyncBroker):
     ``queues`` are the queues this process consumes (in the order given: on equal priority the
     earlier queue wins) and ``kind`` whether it takes steps or runs; a client that only submits
     can leave the defaults. ``on_cancel`` is called with a task id when the orchestrator asks to
-    stop a task this process runs, ``on_lost`` when its lease was lost to another worker.
+    stop a task this process runs, ``on_lost`` when its lease was lost to another worker,
+    ``on_renewed`` with a step's fence deadline (monotonic) each time its lease is renewed.
     """
 
     def __init__(
@@ -228,6 +236,7 @@ class RedisLeaseBroker(AsyncBroker):
         self.heartbeat_seconds = heartbeat_seconds
         self.on_cancel: Callable[[str], None] | None = None
         self.on_lost: Callable[[str], None] | None = None
+        self.on_renewed: Callable[[str, float], None] | None = None
         self.on_crash: Callable[[str, BaseException], None] | None = None
         self._redis: aioredis.Redis | None = None
         self._held: dict[str, int] = {}  # task id -> delivery token, for leases we hold
@@ -399,7 +408,7 @@ class RedisLeaseBroker(AsyncBroker):
                 continue
             task_id, body, token = claimed[0].decode(), claimed[1], int(claimed[2])
             self._held[task_id] = token
-            self._renewed[task_id] = (float(claimed[3]), claim_asked)
+            self._renew(task_id, float(claimed[3]), claim_asked)
             yield AckableMessage(data=body, ack=partial(self._ack, task_id, token))
 
     async def release_held(self) -> list[str]:
@@ -442,7 +451,20 @@ class RedisLeaseBroker(AsyncBroker):
         self._held.pop(task_id, None)
         self._renewed.pop(task_id, None)
 
+    def give_up_lease(self, task_id: str) -> None:
+        """Stop renewing a task's lease without acknowledging it: once the lease runs out the
+        task goes back to its queue (if it is not another worker's already)."""
+        self._forget(task_id)
+
     # -- leases -----------------------------------------------------------------------------
+    def _renew(self, task_id: str, lease: float, at: float) -> None:
+        """Record a renewal we are sure of (``at``: when we asked, on this host's monotonic
+        clock), and tell ``on_renewed`` the step's own fence deadline: half our margin later
+        than ours, so it acts only when this process cannot (frozen, stalled)."""
+        self._renewed[task_id] = (lease, at)
+        if self.on_renewed is not None and self.kind == STEP:
+            self.on_renewed(task_id, at + lease - fence_margin(lease) / 2)
+
     def _heartbeat_interval(self) -> float:
         if self.heartbeat_seconds is not None:
             return self.heartbeat_seconds
@@ -462,7 +484,7 @@ class RedisLeaseBroker(AsyncBroker):
         lost = [i.decode() for i in lost]
         for task_id in held.keys() - set(lost):
             if task_id in self._renewed:
-                self._renewed[task_id] = (self._renewed[task_id][0], sent)
+                self._renew(task_id, self._renewed[task_id][0], sent)
         return lost, [i.decode() for i in cancelled]
 
     def _fence(self) -> None:

@@ -6,6 +6,7 @@ a time, and nothing is left running that no longer heartbeats."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -506,4 +507,68 @@ def test_a_busy_server_is_waited_out(tmp_path):
     finally:
         sender.close()
         server.process.kill()
+        server.process.wait(10)
+
+
+def test_a_frozen_workers_step_stops_itself_before_its_lease_runs_out(
+        start_worker, instance, io_dir, broker_url):
+    """The worker process (not its step's) is frozen past the lease: it can neither renew the
+    lease nor stop its step, so the step's process watches the lease itself and stops before
+    another worker may take the step (before, both copies ran, found by the chaos soak). Once
+    thawed, the worker does not report it as a crash; the run succeeds."""
+    workers = [start_worker(name=name) for name in ("one", "two")]
+    config = run_config(io_dir, broker_url, worker_heartbeat_timeout=3.0)
+    config["ops"] = {"slow_0": {"config": {"seconds": 8.0}}}
+    out: list = []
+    thread = _run_in_thread("slow_chain_job", config, out)
+    wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
+    holder = next(w for w in workers if w.name == _worker_running(instance, "slow_0"))
+    child = int(re.findall(r"\(child (\d+)\)", holder.output())[-1])
+    os.kill(holder.process.pid, signal.SIGSTOP)  # the worker only: its step runs on
+    try:
+        wait_for(lambda: not alive(child), 4.0, "the step to stop itself")
+        stopped = time.time()
+        wait_for(lambda: len(_starts(instance, "slow_0")) == 2, 30, "the step to run again")
+        assert _starts(instance, "slow_0")[1] > stopped, "the copies overlapped"
+    finally:
+        os.kill(holder.process.pid, signal.SIGCONT)
+    thread.join(120)
+    assert out and out[0].success
+    assert len(_starts(instance, "slow_0")) == 2
+    # Thawed, the worker hands the task back (whichever of its checks notices first), and
+    # never reports the stopped copy as a crash of the step.
+    wait_for(lambda: re.search("stopped itself|Lost the lease|Could not renew", holder.output()),
+             10, "the thawed worker to say why")
+    assert "before reporting a result" not in holder.output()
+    assert holder.process.poll() is None
+
+
+def test_a_read_only_window_mid_run_fails_nothing_and_silences_no_worker(
+        start_worker, instance, io_dir, tmp_path):
+    """Redis is demoted to a replica for 3 s mid-run (as in a failover) and promoted back. On
+    demotion Redis ends every blocking read with UNBLOCKED: the orchestrator's wait for replies
+    and the worker's wait for work retry it like READONLY (before, the run failed and every
+    worker stayed alive taking nothing, found by the chaos soak)."""
+    from tests.conftest import free_port
+
+    server = start_redis(tmp_path)
+    try:
+        url = server.url()
+        worker = start_worker(broker=url)
+        config = run_config(io_dir, url, worker_heartbeat_timeout=10.0)
+        config["ops"] = {f"slow_{i}": {"config": {"seconds": 1.0}} for i in range(3)}
+        out: list = []
+        thread = _run_in_thread("slow_chain_job", config, out)
+        wait_for(lambda: _starts(instance, "slow_0"), 60, "the first step")
+        admin = server.client()
+        admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        time.sleep(3.0)
+        admin.execute_command("REPLICAOF", "NO", "ONE")
+        thread.join(120)
+        assert out, "the run did not finish"
+        assert out[0].success
+        assert all(len(_starts(instance, f"slow_{i}")) == 1 for i in range(3))
+        assert worker.process.poll() is None
+    finally:
+        server.process.terminate()
         server.process.wait(10)

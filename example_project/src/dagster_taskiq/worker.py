@@ -17,15 +17,18 @@ import ctypes
 import importlib
 import json
 import logging
+import mmap
 import os
 import signal
 import socket
+import struct
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from dagster._serdes import serialize_value
 from dagster._utils.error import SerializableErrorInfo
@@ -74,42 +77,68 @@ class ChildProcessRunner:
 
     def __init__(self) -> None:
         self._children: dict[str, _Child] = {}  # task id -> child
-        self._preparing: set[str] = set()
-        # Tasks released or cancelled while they were still being prepared: they never fork.
+        # Tasks released or cancelled before they forked (while being prepared): they never
+        # fork. Ids are unique, so remembering a few thousand recent ones is enough.
         self._stop_before_fork: dict[str, str] = {}
         self._reaping: set[asyncio.Task[int]] = set()
         self._forking = asyncio.Lock()
+        # Each step's fence deadline (see set_fence), and the page its child reads it from.
+        self._deadlines: dict[str, float] = {}
+        self._fences: dict[str, mmap.mmap] = {}
+        # Told when a step stopped itself at its fence: its lease must be let go.
+        self.on_fenced: Callable[[str], None] | None = None
+
+    def set_fence(self, task_id: str, deadline: float) -> None:
+        """The lease of ``task_id`` was renewed: its process must be gone by ``deadline``
+        (monotonic) unless renewed again. The child watches this itself, so it stops in time
+        even when this process is frozen or stalled and cannot stop it."""
+        fence = self._fences.get(task_id)
+        if fence is not None:
+            fence[:8] = struct.pack("d", deadline)
+            return
+        self._deadlines[task_id] = deadline  # not forked yet (or just ended: bounded below)
+        _bound(self._deadlines)
 
     async def prepare(self, load: Callable[[], T], task_id: str = "") -> T:
         """Load what a task needs (user code on first use, the instance, the run) on a thread,
         so heartbeats go on meanwhile; never while a fork happens (the child would inherit
         half-taken locks)."""
-        self._preparing.add(task_id)
+        # A new delivery of a task this worker stopped before (its lease was lost, it came
+        # back from the queue) starts afresh.
+        self._stop_before_fork.pop(task_id, None)
         try:
             async with self._forking:
                 return await asyncio.to_thread(load)
         except BaseException:
-            self._forget_prepared(task_id)
+            self._stop_before_fork.pop(task_id, None)
+            self._deadlines.pop(task_id, None)
             raise
 
-    def _forget_prepared(self, task_id: str) -> str | None:
-        self._preparing.discard(task_id)
-        return self._stop_before_fork.pop(task_id, None)
+    def _stop_early(self, task_id: str, how: str) -> None:
+        self._stop_before_fork.setdefault(task_id, how)
+        _bound(self._stop_before_fork)
 
     async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str,
                   kind: str = STEP) -> StepOutcome:
         grace = RUN_KILL_GRACE_SECONDS if kind == RUN else KILL_GRACE_SECONDS
         parent = os.getpid()
         async with self._forking:
-            stopped = self._forget_prepared(task_id)
+            stopped = self._stop_before_fork.pop(task_id, None)
+            deadline = self._deadlines.pop(task_id, None)
             if stopped is None:
+                # A shared page the parent writes the fence deadline to (steps only: a run
+                # is never handed out twice, so its orchestrator rides outages out).
+                fence = None
+                if kind == STEP and deadline is not None:
+                    fence = self._fences[task_id] = mmap.mmap(-1, 8)
+                    fence[:8] = struct.pack("d", deadline)
                 # The pipe is made under the lock and its write end closed before the lock is
                 # let go: no other task's child can inherit it (and hold its EOF back).
                 read_fd, write_fd = os.pipe()
                 pid = os.fork()
                 if pid == 0:  # the child: run the body, write its outcome, leave without cleanup
                     os.close(read_fd)
-                    _child_main(body, write_fd, parent)
+                    _child_main(body, write_fd, parent, fence)
                 os.close(write_fd)
                 # Also set here, so its process group exists before anyone may signal it.
                 with contextlib.suppress(OSError):
@@ -134,10 +163,24 @@ class ChildProcessRunner:
                             task_id, time.time() - child.started, pid)
                 return outcome
             exit_code = os.waitstatus_to_exitcode(await _wait_exit(pid))
+            fence = self._fences.get(task_id)
+            fenced = (fence is not None and exit_code == -signal.SIGKILL
+                      and time.monotonic() > struct.unpack("d", fence[:8])[0])
         finally:
             self._children.pop(task_id, None)
+            fence = self._fences.pop(task_id, None)
+            if fence is not None:
+                fence.close()
         logger.info("Task %s ended in %.3f s (child %d, exit %d).",
                     task_id, time.time() - child.started, pid, exit_code)
+        if fenced and not child.released:
+            # It stopped itself: its lease was not renewed in time (this process was frozen
+            # or cut off). Not a crash: the task is another worker's now, or will be.
+            logger.error("Task %s stopped itself: its lease was not renewed in time; it goes "
+                         "back to its queue.", task_id)
+            if self.on_fenced is not None:
+                self.on_fenced(task_id)
+            child.released = True
         if child.released:
             raise NoResultError  # handed back to the queue: another worker will answer
         return _crash_outcome(pid, exit_code)
@@ -147,8 +190,7 @@ class ChildProcessRunner:
         tools such as dbt), SIGKILL after its grace; ``grace=0`` kills at once."""
         child = self._children.get(task_id)
         if child is None:
-            if task_id in self._preparing:
-                self._stop_before_fork.setdefault(task_id, "cancelled")
+            self._stop_early(task_id, "cancelled")
             return
         if grace is None and child.cancelling:
             return  # the heartbeat repeats the request every second: it was delivered
@@ -166,8 +208,8 @@ class ChildProcessRunner:
         still being prepared never starts."""
         child = self._children.get(task_id)
         if child is None:
-            if task_id in self._preparing:
-                self._stop_before_fork[task_id] = "released"
+            self._stop_before_fork[task_id] = "released"  # wins over an earlier cancel
+            self._stop_early(task_id, "released")
             return
         child.released = True
         self.kill(task_id, grace=0)
@@ -193,6 +235,12 @@ class ChildProcessRunner:
         ]
 
 
+def _bound(recent: dict[str, Any], size: int = 10_000) -> None:
+    """Forget the oldest entries of a per-task dict that tasks may leave behind."""
+    while len(recent) > size:
+        del recent[next(iter(recent))]
+
+
 def _die_with_parent(parent: int) -> None:
     """If the worker dies (SIGKILL, OOM), its tasks must die too: their leases will expire and
     the tasks run elsewhere, so an orphan would mean the same step running twice."""
@@ -206,13 +254,33 @@ def _die_with_parent(parent: int) -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_main(body: Callable[[], StepOutcome], write_fd: int, parent: int) -> None:
+def _watch_fence(fence: mmap.mmap) -> None:
+    """Stop this task's whole process group once its fence deadline passes without renewal:
+    the worker could not renew the lease (or is frozen), so another worker may take the task
+    soon, and this copy must be gone first."""
+    while True:
+        deadline = struct.unpack("d", fence[:8])[0]
+        if time.monotonic() > deadline:
+            os.write(2, f"Task process {os.getpid()}: its lease was not renewed in time; "
+                        "stopping (the task goes back to its queue).\n".encode())
+            os.killpg(0, signal.SIGKILL)
+        time.sleep(FENCE_WATCH_SECONDS)
+
+
+FENCE_WATCH_SECONDS = 0.1
+
+
+def _child_main(body: Callable[[], StepOutcome], write_fd: int, parent: int,
+                fence: mmap.mmap | None = None) -> None:
     _die_with_parent(parent)
     # Undo what the parent's event loop installed: signals must not reach the parent's loop.
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.setpgid(0, 0)  # own process group, so a kill also reaches what the task started
+    if fence is not None:
+        threading.Thread(target=_watch_fence, args=(fence,), daemon=True,
+                         name="dagster-taskiq-fence").start()
     code = 0
     try:
         try:
@@ -296,6 +364,9 @@ def _consumer(options: WorkerOptions, worker_id: str, kind: str,
     broker.state.worker_name = options.name
     broker.on_cancel = runner.kill
     broker.on_lost = runner.release  # another worker has it now: never run a task twice
+    if kind == STEP:
+        broker.on_renewed = runner.set_fence
+        runner.on_fenced = broker.give_up_lease
     return broker
 
 
@@ -362,6 +433,10 @@ async def run_worker(options: WorkerOptions) -> None:
                 options.name, os.getpid(), list(options.queues), options.concurrency,
                 mask_url(options.settings.broker_url))
     listening = [asyncio.create_task(receiver.listen(finish)) for receiver in receivers]
+    for kind, task in zip((STEP, RUN), listening, strict=True):
+        # A receiver that stops on an error would leave a worker that heartbeats and takes
+        # nothing: make it a crash (exit 1, its supervisor restarts it).
+        supervise(task, f"The {kind} receiver of worker {options.name}", on_crash)
     try:
         await finish.wait()
         deadline = asyncio.create_task(asyncio.sleep(options.shutdown_timeout))
