@@ -71,9 +71,41 @@ def broker_error(settings: BrokerSettings, exc: BaseException) -> CliError:
 
 # -- configuration ----------------------------------------------------------------------------
 
+# Keys that only make sense inside the executor's config block: at the top level of a file,
+# they are a misplaced block (which would otherwise be ignored, and the default broker used).
+_EXECUTOR_KEYS = ("broker", "backend", "include", "config_source", "default_queue", "retries")
+
+
+def _keys(block: object) -> str:
+    """``{broker, config_source}``: a block's shape without its values (which may hold
+    passwords)."""
+    return "{" + ", ".join(map(str, block)) + "}" if isinstance(block, dict) and block else "{}"
+
+
+def _celery_layout_error(path: str, celery: object) -> CliError:
+    """dagster-celery's legacy ``execution: celery:`` block: say what it is and how to rewrite
+    it, rather than guess (a guess that goes wrong starts a worker on another broker)."""
+    if isinstance(celery, dict) and "config" in celery:
+        inner = celery["config"]
+        found = f"execution: celery: config: {_keys(inner)}"
+        how = "remove the `celery:` level"
+    else:
+        inner = celery
+        found = f"execution: celery: {_keys(inner)}"
+        how = "rename `celery:` to `config:`"
+    return CliError(
+        f"{path}: this is dagster-celery's legacy layout ({found}). dagster-taskiq reads "
+        f"execution: config: ...; write execution: config: {_keys(inner)} with the same keys "
+        f"({how}). broker must be a redis:// URL; see README, Migrating from dagster-celery.",
+        EXIT_CONFIG,
+    )
+
+
 def executor_config_from_yaml(path: str | None) -> dict[str, Any]:
-    """The executor config block of a run-config YAML: ``execution.config``, or the legacy
-    ``execution.taskiq.config`` (dagster-celery's shape); empty when no file is given."""
+    """The executor config block of a run-config YAML: ``execution.config`` (the layout
+    dagster-celery's worker CLI reads too), or our legacy ``execution.taskiq.config``; empty
+    when no file is given. dagster-celery's older ``execution.celery`` block, a block at the
+    top level or other keys under ``execution`` are refused with how to rewrite them."""
     if not path:
         return {}
     try:
@@ -82,12 +114,32 @@ def executor_config_from_yaml(path: str | None) -> dict[str, Any]:
         raise CliError(f"Cannot read {path}: {exc}", EXIT_CONFIG) from None
     if not isinstance(loaded, dict):
         raise CliError(f"{path} does not hold a YAML mapping.", EXIT_CONFIG)
+    misplaced = [key for key in _EXECUTOR_KEYS if key in loaded]
+    if misplaced:
+        shape = "{" + ", ".join(misplaced) + "}"
+        raise CliError(
+            f"{path}: {', '.join(misplaced)} at the top level: the executor config goes under "
+            f"execution: config:; write execution: config: {shape}.", EXIT_CONFIG)
     execution = loaded.get("execution") or {}
     if not isinstance(execution, dict):
         raise CliError(f"{path}: execution must be a mapping.", EXIT_CONFIG)
-    legacy = execution.get("taskiq") or {}
-    config = execution.get("config") or (legacy.get("config") if isinstance(legacy, dict)
-                                         else None) or {}
+    if "celery" in execution:
+        raise _celery_layout_error(path, execution["celery"])
+    other = sorted(set(map(str, execution)) - {"config", "taskiq"})
+    if other:
+        raise CliError(f"{path}: unexpected key(s) under execution: {other}; the executor "
+                       "config goes under execution: config:.", EXIT_CONFIG)
+    if "config" in execution and "taskiq" in execution:
+        raise CliError(f"{path}: both execution: config: and execution: taskiq: config:; "
+                       "keep one (execution: config:).", EXIT_CONFIG)
+    if "taskiq" in execution:
+        legacy = execution["taskiq"] or {}
+        if not isinstance(legacy, dict) or not set(legacy) <= {"config"}:
+            raise CliError(f"{path}: execution: taskiq: {_keys(legacy)} is not a layout we "
+                           f"read; write execution: config: {_keys(legacy)}.", EXIT_CONFIG)
+        config = legacy.get("config") or {}
+    else:
+        config = execution.get("config") or {}
     if not isinstance(config, dict):
         raise CliError(f"{path}: execution.config must be a mapping.", EXIT_CONFIG)
     return config

@@ -86,8 +86,121 @@ def cluster_key_prefix(prefix: str) -> str:
     return prefix if has_hash_tag(prefix) else "{" + prefix + "}"
 
 
+# Celery/kombu settings a dagster-celery project may carry over in ``config_source``, each with
+# what to do instead. The one table: BrokerSettings.from_config reads it, so the executor, the
+# launcher and the CLI give the same explanation (README's migration table mirrors it).
+_LEASES = ("a step whose worker stops heartbeating for the executor's worker_heartbeat_timeout "
+           "(default 30 s) goes back to its queue, however long it runs")
+_RETRIES = "drop it: connections retry with backoff through Redis outages of up to 5 minutes"
+_JSON = "drop it: messages are always JSON (Dagster serdes), never pickle"
+_PRIORITY = "drop it: priorities are any integer (negative too), kept in order by the broker"
+_QUEUES = ("drop it: route steps with the dagster-taskiq/queue op tag (dagster-celery/queue "
+           "works too) and start workers with `worker start -q QUEUE`")
+_NO_CHILD_LIMIT = "drop it: every step already runs in a process of its own, forked per step"
+_NO_TIME_LIMIT = ("drop it: there is no per-task time limit; bound runs with Dagster's "
+                  "dagster/max_runtime run tag (run monitoring) or a timeout in the op")
+_NO_EVENTS = ("drop it: there are no Celery events (Flower); use `dagster-taskiq status` and "
+              "`worker list`")
+
+CELERY_CONFIG_SOURCE_KEYS: dict[str, str] = {
+    "broker_url": "set `broker` in the executor config (beside config_source, not in it)",
+    "result_backend": "drop it: results live in the broker's Redis database (`backend`, "
+                      "if set, must name that database)",
+    "broker_transport_options": "kombu transport options do not apply: drop the block",
+    "result_backend_transport_options": "drop it: results live in the broker's Redis database",
+    "visibility_timeout": f"drop it: leases replace it; {_LEASES}",
+    "task_acks_late": f"drop it: tasks are acknowledged when they finish; {_LEASES}",
+    "task_reject_on_worker_lost": f"drop it: {_LEASES}",
+    "worker_prefetch_multiplier": "drop it: workers never prefetch; a worker takes a task only "
+                                  "when it has a free slot",
+    "worker_concurrency": "drop it: set it per worker with `dagster-taskiq worker start -c N`",
+    "task_default_queue": "set `default_queue` in the executor config (beside config_source); "
+                          "workers pick their queues with `worker start -q`",
+    "task_default_priority": "drop it: the default step priority is 5; set the "
+                             "dagster-taskiq/priority tag (dagster-celery/priority works too)",
+    "task_queue_max_priority": _PRIORITY,
+    "task_routes": _QUEUES,
+    "task_queues": _QUEUES,
+    "result_expires": "use config_source's `result_ttl_seconds` (seconds; default 7 days)",
+    "task_ignore_result": "drop it: the run's orchestrator needs every step's reply",
+    "task_serializer": _JSON,
+    "result_serializer": _JSON,
+    "accept_content": _JSON,
+    "event_serializer": _JSON,
+    "task_compression": "drop it: messages are not compressed",
+    "result_compression": "drop it: messages are not compressed",
+    "broker_connection_retry_on_startup": "drop it: a worker that cannot reach Redis at start "
+                                          "exits with code 3 (let its supervisor restart it); "
+                                          "once running, it rides out outages of up to 5 min",
+    "broker_connection_retry": _RETRIES,
+    "broker_connection_max_retries": _RETRIES,
+    "broker_connection_timeout": "use config_source's `connect_timeout` (seconds)",
+    "broker_pool_limit": "use config_source's `max_connections`",
+    "broker_heartbeat": "drop it: workers heartbeat to Redis by themselves (see the executor's "
+                        "worker_heartbeat_timeout)",
+    "broker_use_ssl": "drop it: use a rediss:// broker URL for TLS",
+    "redis_backend_use_ssl": "drop it: use a rediss:// broker URL for TLS",
+    "worker_max_tasks_per_child": _NO_CHILD_LIMIT,
+    "worker_max_memory_per_child": _NO_CHILD_LIMIT,
+    "task_time_limit": _NO_TIME_LIMIT,
+    "task_soft_time_limit": _NO_TIME_LIMIT,
+    "task_track_started": "drop it: step states are in Dagster's event log, and "
+                          "`dagster-taskiq status` shows the tasks in flight",
+    "worker_send_task_events": _NO_EVENTS,
+    "task_send_sent_event": _NO_EVENTS,
+    "imports": "use the executor's `include` (workers: `worker start -i MODULE`)",
+}
+
+# Inside broker_transport_options: what the keys a dagster-celery user sets there become.
+CELERY_TRANSPORT_OPTIONS: dict[str, str] = {
+    "visibility_timeout": f"leases replace it; {_LEASES}",
+    "max_retries": _RETRIES.removeprefix("drop it: "),
+    "interval_start": _RETRIES.removeprefix("drop it: "),
+    "interval_step": _RETRIES.removeprefix("drop it: "),
+    "interval_max": _RETRIES.removeprefix("drop it: "),
+    "priority_steps": _PRIORITY.removeprefix("drop it: "),
+    "queue_order_strategy": _PRIORITY.removeprefix("drop it: "),
+    "sep": _PRIORITY.removeprefix("drop it: "),
+    "global_keyprefix": "use config_source's `key_prefix`",
+    "socket_timeout": "use config_source's `socket_timeout`",
+    "socket_connect_timeout": "use config_source's `socket_connect_timeout`",
+    "max_connections": "use config_source's `max_connections`",
+}
+
+
+def celery_key_advice(key: str, value: object = None) -> str | None:
+    """What to do about Celery setting ``key`` (with ``value``) in ``config_source``, as one
+    line naming the key, or None when it is not a Celery setting we know."""
+    advice = CELERY_CONFIG_SOURCE_KEYS.get(key)
+    if advice is None:
+        return None
+    if key == "broker_transport_options" and isinstance(value, Mapping):
+        nested = [f"{name}: {CELERY_TRANSPORT_OPTIONS[name]}" for name in value
+                  if name in CELERY_TRANSPORT_OPTIONS]
+        if nested:
+            advice += " (" + "; ".join(nested) + ")"
+    return f"{key}: {advice}"
+
+
 def default_broker_url() -> str:
     return os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL
+
+
+def unknown_keys_message(unknown: list[str], options: Mapping[str, Any],
+                         known: set[str]) -> str:
+    """The config_source error: Celery settings explained one a line, then any other unknown
+    keys with the supported ones."""
+    celery = [line for key in unknown if (line := celery_key_advice(key, options[key]))]
+    other = [key for key in unknown if key not in CELERY_CONFIG_SOURCE_KEYS]
+    parts = []
+    if celery:
+        lines = "\n".join(f"  {line}" for line in celery)
+        parts.append("config_source holds Celery setting(s) that dagster-taskiq does not use "
+                     f"(migrating from dagster-celery?):\n{lines}")
+    if other:
+        parts.append(f"Unknown config_source key(s) {other} for the taskiq executor.")
+    parts.append(f"Supported config_source keys: {sorted(known)}.")
+    return "\n".join(parts)
 
 
 @dataclass(frozen=True)
@@ -141,12 +254,7 @@ class BrokerSettings:
         known = {f.name for f in fields(cls)} - {"broker_url", "backend_url"}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise _invalid_config(
-                f"Unknown config_source key(s) {unknown} for the taskiq executor. "
-                f"Supported keys: {sorted(known)}.",
-                [],
-                options,
-            )
+            raise _invalid_config(unknown_keys_message(unknown, options, known), [], options)
         if not str(options.get("key_prefix", DEFAULT_KEY_PREFIX)):
             raise _invalid_config("config_source.key_prefix must not be empty.", [], options)
         settings = cls(broker_url=broker_url, backend_url=backend_url, **options)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -20,7 +21,7 @@ from click.testing import CliRunner, Result
 
 from dagster_taskiq.cli import main
 from dagster_taskiq.client import TaskiqClient
-from dagster_taskiq.config import BROKER_URL_ENV, BrokerSettings
+from dagster_taskiq.config import BROKER_URL_ENV, CELERY_CONFIG_SOURCE_KEYS, BrokerSettings
 from tests.conftest import RedisServer, free_port, start_redis, wait_for
 from tests.executor.conftest import CLI, execute_test_job, run_config, worker_env
 
@@ -240,6 +241,7 @@ def test_worker_config_yaml_shapes_and_five_queues(broker_url: str, dagster_home
     monkeypatch.setenv("CLI_TEST_BROKER", broker_url)
     yamls = {
         "empty": yaml_file(tmp_path / "empty.yaml", ""),
+        # partial and full: also dagster-celery's own (newer) worker YAML layout, read as it is.
         "partial": yaml_file(tmp_path / "partial.yaml",
                              "execution:\n  config:\n    broker: null\n    backend: null\n"
                              "    config_source: null\n"),
@@ -310,6 +312,76 @@ def test_bad_config_yaml_is_a_clear_error(tmp_path: Path, text: str, expected: s
     result = cli(*command, "-y", yaml_file(tmp_path / "bad.yaml", text))
     assert result.exit_code == 2, result.output
     assert expected in result.stderr and "Traceback" not in result.output
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[str, socket.socket]]:
+    """A TCP port that takes connections but never answers: the broker in a YAML that must be
+    refused before any connection (anything that connects lands in the backlog)."""
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as server:
+        server.setblocking(False)
+        yield f"redis://127.0.0.1:{server.getsockname()[1]}/0", server
+
+
+def assert_never_connected(server: socket.socket) -> None:
+    with pytest.raises(BlockingIOError):
+        server.accept()[0].close()
+
+
+MIGRATION_COMMANDS = [["worker", "start", "-n", "never"], ["worker", "start", "-d"],
+                      ["worker", "list"], ["worker", "terminate", "--all"], ["status"]]
+
+
+def test_dagster_celery_legacy_yaml_exits_2_without_connecting(
+        tmp_path: Path, listener: tuple[str, socket.socket]) -> None:
+    url, server = listener
+    # dagster-celery's worker YAML as its Helm chart writes it; the environment names the
+    # same silent port, so a command that ignored the file and fell back would connect too.
+    legacy = yaml_file(tmp_path / "celery.yaml", f"""
+execution:
+  celery:
+    broker: {url}
+    backend: {url}
+    config_source:
+      worker_prefetch_multiplier: 1
+""")
+    expected = ("this is dagster-celery's legacy layout (execution: celery: {broker, backend, "
+                "config_source}). dagster-taskiq reads execution: config: ...; write execution: "
+                "config: {broker, backend, config_source} with the same keys")
+    shell = run("worker", "start", "-n", "never", "-y", legacy, broker_url=url, timeout=30)
+    assert shell.returncode == 2, shell.stdout + shell.stderr
+    assert expected in shell.stderr and shell.stdout == "" and "Traceback" not in shell.stderr
+    assert len(shell.stderr.strip().splitlines()) == 1, shell.stderr
+    for command in MIGRATION_COMMANDS:
+        result = cli(*command, "-y", legacy, broker_url=url)
+        assert result.exit_code == 2, (command, result.output)
+        assert expected in result.stderr, (command, result.output)
+    assert_never_connected(server)
+
+
+def test_celery_config_source_key_is_explained_by_every_command(
+        tmp_path: Path, listener: tuple[str, socket.socket]) -> None:
+    """dagster-celery's newer layout is read as it is; its Celery-only settings are named,
+    each with what to do instead, and nothing connects."""
+    url, server = listener
+    newer = yaml_file(tmp_path / "newer.yaml", f"""
+execution:
+  config:
+    broker: {url}
+    config_source:
+      task_default_queue: short
+      result_expires: 3600
+""")
+    shell = run("worker", "start", "-y", newer, broker_url=url, timeout=30)
+    assert shell.returncode == 2, shell.stdout + shell.stderr
+    for command in MIGRATION_COMMANDS:
+        result = cli(*command, "-y", newer, broker_url=url)
+        assert result.exit_code == 2, (command, result.output)
+        for text in (shell.stderr, result.stderr):
+            for key in ("task_default_queue", "result_expires"):
+                assert f"  {key}: {CELERY_CONFIG_SOURCE_KEYS[key]}" in text, text
+            assert "Traceback" not in text and "Unknown config_source key" not in text
+    assert_never_connected(server)
 
 
 @pytest.fixture(scope="module")
