@@ -419,8 +419,18 @@ async def run_worker(options: WorkerOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    # Registered before listening, so whoever sees it listening also finds it in the registry.
-    await publish(consumers[0].redis, options.settings.key_prefix, info)
+    # Registered before listening, so whoever sees it listening also finds it in the registry;
+    # a failover in progress (READONLY) or a restart is waited out, as everywhere else.
+    backoff = Backoff()
+    while True:
+        try:
+            await publish(consumers[0].redis, options.settings.key_prefix, info)
+            break
+        except REDIS_ERRORS as exc:
+            if finish.is_set():
+                raise
+            logger.warning("Cannot register in the worker registry yet (%s); retrying.", exc)
+            await backoff.wait()
     closing = asyncio.Event()
     registry = asyncio.create_task(_registry_loop(consumers[0], info, runner, finish, closing))
     supervise(registry, f"The registry heartbeat of worker {options.name}", on_crash)
