@@ -233,6 +233,9 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
             )
         state = self.client.task_state(task_id)
         if not state:
+            holder = self._running_on(task_id)
+            if holder is not None:  # its lease lapsed in an outage, its worker runs it still
+                return CheckRunHealthResult(WorkerStatus.RUNNING, f"Running on {holder}.")
             return CheckRunHealthResult(
                 WorkerStatus.FAILED,
                 "The run's taskiq task is gone without a result: the worker running it shut "
@@ -269,6 +272,13 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
     def _queue_of(self, run: DagsterRun) -> str:
         found = tag_value(run.tags, TASKIQ_QUEUE_TAG)
         return found[1] if found else self.default_queue
+
+    def _running_on(self, task_id: str) -> str | None:
+        """The live worker whose registry entry lists ``task_id`` among its running tasks."""
+        for worker in self.client.workers() or []:
+            if any(task.get("task_id") == task_id for task in worker.tasks):
+                return worker.id
+        return None
 
     def _served(self, queue: str) -> bool:
         return any(queue in worker.queues for worker in self.client.workers() or [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -396,3 +397,32 @@ def test_a_terminated_run_ends_canceled_even_when_its_step_ignores_sigint(start_
     assert launcher_instance.run_launcher.terminate(run.run_id)
     finished = _finished(launcher_instance, run.run_id, timeout=45)
     assert finished.status == DagsterRunStatus.CANCELED, _logs(launcher_instance, run.run_id)
+
+
+def test_a_run_whose_lease_lapsed_goes_on(start_worker, launcher_instance, broker_url):
+    """The worker running a run cannot renew its 3 s lease for 6 s (frozen here; a Redis
+    outage does the same) and the lapsed lease is reaped. A run is never handed out twice, so
+    that only drops its task: the worker lets the orchestrator go on (before, it killed it),
+    the health check finds the run in the worker's registry entry, and the run succeeds
+    without a resume."""
+    worker = start_worker(queues=[QUEUE, "dagster"], concurrency=2)
+    run = _launch(launcher_instance, "taskiq_recorded_chain")
+    _step_started(launcher_instance, run.run_id)
+    launcher = launcher_instance.run_launcher
+
+    def health():
+        return launcher.check_run_worker_health(launcher_instance.get_run_by_id(run.run_id))
+
+    run_task = launcher_instance.get_run_by_id(run.run_id).tags[TASKIQ_TASK_ID_TAG]
+    os.kill(worker.process.pid, signal.SIGSTOP)  # the worker only: the run's process goes on
+    try:
+        time.sleep(4.5)
+        health()  # it reaps first: the lapsed lease is dropped
+        assert not redis.Redis.from_url(broker_url).exists(f"{P}:task:{run_task}")
+    finally:
+        os.kill(worker.process.pid, signal.SIGCONT)
+    time.sleep(3.0)  # the worker hears its run task is gone and its registry entry is fresh
+    assert health().status == WorkerStatus.RUNNING, health().msg
+    finished = _finished(launcher_instance, run.run_id)
+    assert finished.status == DagsterRunStatus.SUCCESS, _logs(launcher_instance, run.run_id)
+    assert "lapsed" in worker.output()

@@ -363,11 +363,21 @@ def _consumer(options: WorkerOptions, worker_id: str, kind: str,
     broker.state.step_runner = runner
     broker.state.worker_name = options.name
     broker.on_cancel = runner.kill
-    broker.on_lost = runner.release  # another worker has it now: never run a task twice
     if kind == STEP:
+        broker.on_lost = runner.release  # another worker has it now: never run a task twice
         broker.on_renewed = runner.set_fence
         runner.on_fenced = broker.give_up_lease
+    else:
+        broker.on_lost = _run_goes_on
     return broker
+
+
+def _run_goes_on(task_id: str) -> None:
+    # A run is never handed out twice (an expired run lease drops the task), so a lost lease
+    # (a Redis outage longer than it) means nobody else runs it: the orchestrator goes on,
+    # and the launcher's health check finds it in this worker's registry entry.
+    logger.warning("The lease on run task %s lapsed (a Redis outage?); the run goes on here.",
+                   task_id)
 
 
 async def run_worker(options: WorkerOptions) -> None:
