@@ -488,12 +488,13 @@ def workers_registered(broker_url: str, names: list[str]) -> bool:
 
     import redis.asyncio as aioredis
 
+    from dagster_taskiq.config import DEFAULT_KEY_PREFIX
     from dagster_taskiq.registry import live_workers
 
     async def names_live() -> set[str]:
         client = aioredis.Redis.from_url(broker_url, socket_connect_timeout=2)
         try:
-            return {w.name for w in await live_workers(client, "dagster-taskiq")}
+            return {w.name for w in await live_workers(client, DEFAULT_KEY_PREFIX)}
         finally:
             await client.aclose()
 
