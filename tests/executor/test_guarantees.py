@@ -162,6 +162,20 @@ def test_a_worker_whose_registry_loop_dies_exits_non_zero(start_worker, broker_u
 
 
 
+def _slow_step_on_one_of_two(start_worker, instance, io_dir: str, url: str):
+    """Two workers, a run whose first step takes 8 s on a 3 s lease: returns the workers, the
+    one running the step, the step's pid, and the run's thread and result list."""
+    workers = [start_worker(name=name, broker=url) for name in ("one", "two")]
+    config = run_config(io_dir, url, worker_heartbeat_timeout=3.0)
+    config["ops"] = {"slow_0": {"config": {"seconds": 8.0}}}
+    out: list = []
+    thread = _run_in_thread("slow_chain_job", config, out)
+    wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
+    holder = next(w for w in workers if w.name == _worker_running(instance, "slow_0"))
+    child = int(re.findall(r"\(child (\d+)\)", holder.output())[-1])
+    return workers, holder, child, thread, out
+
+
 def test_a_worker_cut_off_from_redis_stops_its_step_before_the_lease_runs_out(
         start_worker, instance, io_dir, tmp_path):
     """Redis stalls (SIGSTOP) for longer than the lease: the worker holding a step cannot renew
@@ -170,15 +184,8 @@ def test_a_worker_cut_off_from_redis_stops_its_step_before_the_lease_runs_out(
     Before, the worker's heartbeat hung on the stalled socket and its step ran on."""
     server = start_redis(tmp_path)
     try:
-        url = server.url()
-        workers = [start_worker(name=name, broker=url) for name in ("one", "two")]
-        config = run_config(io_dir, url, worker_heartbeat_timeout=3.0)
-        config["ops"] = {"slow_0": {"config": {"seconds": 8.0}}}
-        out: list = []
-        thread = _run_in_thread("slow_chain_job", config, out)
-        wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
-        holder = next(w for w in workers if w.name == _worker_running(instance, "slow_0"))
-        child = int(re.findall(r"\(child (\d+)\)", holder.output())[-1])
+        workers, holder, child, thread, out = _slow_step_on_one_of_two(
+            start_worker, instance, io_dir, server.url())
         assert alive(child)
         server.process.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
@@ -516,14 +523,8 @@ def test_a_frozen_workers_step_stops_itself_before_its_lease_runs_out(
     lease nor stop its step, so the step's process watches the lease itself and stops before
     another worker may take the step (before, both copies ran, found by the chaos soak). Once
     thawed, the worker does not report it as a crash; the run succeeds."""
-    workers = [start_worker(name=name) for name in ("one", "two")]
-    config = run_config(io_dir, broker_url, worker_heartbeat_timeout=3.0)
-    config["ops"] = {"slow_0": {"config": {"seconds": 8.0}}}
-    out: list = []
-    thread = _run_in_thread("slow_chain_job", config, out)
-    wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
-    holder = next(w for w in workers if w.name == _worker_running(instance, "slow_0"))
-    child = int(re.findall(r"\(child (\d+)\)", holder.output())[-1])
+    _, holder, child, thread, out = _slow_step_on_one_of_two(
+        start_worker, instance, io_dir, broker_url)
     os.kill(holder.process.pid, signal.SIGSTOP)  # the worker only: its step runs on
     try:
         wait_for(lambda: not alive(child), 4.0, "the step to stop itself")
