@@ -274,9 +274,12 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         return found[1] if found else self.default_queue
 
     def _running_on(self, task_id: str) -> str | None:
-        """The live worker whose registry entry lists ``task_id`` among its running tasks."""
+        """The live worker whose registry entry lists ``task_id`` among its running tasks.
+        Live here means heard from within the run's lease, not the registry's 10 s: a killed
+        worker's run must be found lost as soon as its lease says so."""
         for worker in self.client.workers() or []:
-            if any(task.get("task_id") == task_id for task in worker.tasks):
+            if worker.age < self.worker_heartbeat_timeout and any(
+                    task.get("task_id") == task_id for task in worker.tasks):
                 return worker.id
         return None
 
