@@ -115,7 +115,8 @@ class ChildProcessRunner:
             raise
 
     def _stop_early(self, task_id: str, how: str) -> None:
-        self._stop_before_fork.setdefault(task_id, how)
+        if self._stop_before_fork.get(task_id) != "released":  # a hand-back wins over a cancel
+            self._stop_before_fork[task_id] = how
         _bound(self._stop_before_fork)
 
     async def run(self, task_id: str, body: Callable[[], StepOutcome], label: str,
@@ -208,7 +209,6 @@ class ChildProcessRunner:
         still being prepared never starts."""
         child = self._children.get(task_id)
         if child is None:
-            self._stop_before_fork[task_id] = "released"  # wins over an earlier cancel
             self._stop_early(task_id, "released")
             return
         child.released = True
