@@ -48,8 +48,9 @@ class WorkerProcess:
         self.process.wait(5)
 
 
-def worker_env(broker_url: str) -> dict[str, str]:
-    pythonpath = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+def worker_env(broker_url: str, pythonpath: Sequence[str] = ()) -> dict[str, str]:
+    pythonpath = os.pathsep.join(
+        p for p in (*pythonpath, str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "DAGSTER_TASKIQ_BROKER_URL": broker_url, "PYTHONPATH": pythonpath}
 
 
@@ -64,6 +65,7 @@ def start_worker(broker_url: str, dagster_home: Path, tmp_path: Path) -> Iterato
         name: str | None = None,
         args: Sequence[str] = (),
         broker: str | None = None,
+        pythonpath: Sequence[str] = (),
     ) -> WorkerProcess:
         name = name or f"worker{len(started)}"
         log = tmp_path / f"{name}.log"
@@ -72,8 +74,8 @@ def start_worker(broker_url: str, dagster_home: Path, tmp_path: Path) -> Iterato
             cmd += ["-q", queue]
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=worker_env(broker or broker_url),
-                start_new_session=True,
+                cmd, stdout=out, stderr=subprocess.STDOUT,
+                env=worker_env(broker or broker_url, pythonpath), start_new_session=True,
             )
         worker = WorkerProcess(name, process, log)
         started.append(worker)

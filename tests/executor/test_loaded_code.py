@@ -5,7 +5,7 @@ from __future__ import annotations
 from dagster import DagsterInstance
 from dagster._core.definitions.reconstruct import ReconstructableJob
 
-from dagster_taskiq.tasks import _LoadedCode
+from dagster_taskiq.worker.steps import _Loaded as _LoadedCode
 from tests.executor.conftest import REPO_FILE
 
 

@@ -1,0 +1,138 @@
+"""The code a worker runs: loaded once per code version, never stale (real workers, real Redis).
+
+The project here is a ``@dg.definitions`` function, as the template's ``load_from_defs_folder``
+one is: Dagster rebuilds it every time a process needs a repository, which it counts."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from dagster import DagsterInstance, execute_job
+from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+
+from tests.executor.conftest import run_config
+
+PROJECT = '''
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from dagster_taskiq import taskiq_executor
+
+VALUE = {value}
+
+
+@dg.op
+def one() -> int:
+    return VALUE
+
+
+@dg.op
+def plus(x: int) -> int:
+    return x + 1
+
+
+@dg.job(executor_def=taskiq_executor)
+def job_a():
+    plus(one())
+
+
+@dg.job(executor_def=taskiq_executor)
+def job_b():
+    plus(plus(one()))
+
+
+@dg.definitions
+def defs():
+    with open(Path(__file__).with_suffix(".loads"), "a") as loads:
+        loads.write(f"{{os.getpid()}}\\n")
+    return dg.Definitions(jobs=[job_a, job_b], resources={{"io_manager": dg.fs_io_manager}})
+'''
+
+
+def _write(path: Path, value: int) -> None:
+    path.write_text(PROJECT.format(value=value))
+
+
+def _loads_elsewhere(path: Path) -> list[str]:
+    """The processes (other than this test's) that built the definitions, once per build."""
+    loads = path.with_suffix(".loads")
+    lines = loads.read_text().split() if loads.exists() else []
+    return [pid for pid in lines if pid != str(os.getpid())]
+
+
+def _run(recon_job: ReconstructableJob, instance: DagsterInstance, io_dir: Path,
+         broker_url: str) -> int:
+    """Run the job; its last op's output."""
+    with execute_job(recon_job, instance=instance,
+                     run_config=run_config(str(io_dir), broker_url)) as result:
+        assert result.success
+        return result.output_for_node("plus_2" if recon_job.job_name == "job_b" else "plus")
+
+
+def test_definitions_are_built_once_per_worker_for_every_job_and_subset(
+        tmp_path, instance, start_worker, broker_url):
+    """Before, Dagster's one-entry caches rebuilt the project in most steps (alternating two
+    jobs missed every time): here 4 runs of two jobs and a subset, 9 steps, build it once."""
+    project = tmp_path / "project.py"
+    _write(project, 1)
+    start_worker()
+    repository = ReconstructableRepository.for_file(str(project), "defs", str(tmp_path))
+    job_a = ReconstructableJob(repository, "job_a")
+    job_b = ReconstructableJob(repository, "job_b")
+    for recon_job, expected in [(job_a, 2), (job_b, 3), (job_a, 2), (job_b, 3)]:
+        assert _run(recon_job, instance, tmp_path / "io", broker_url) == expected
+    with execute_job(job_b.get_subset(op_selection=["one"]), instance=instance,
+                     run_config=run_config(str(tmp_path / "io"), broker_url)) as result:
+        assert result.success and result.output_for_node("one") == 1
+    assert len(_loads_elsewhere(project)) == 1, _loads_elsewhere(project)
+
+
+def test_an_edited_op_runs_its_new_code_at_the_next_launch(tmp_path, instance, start_worker,
+                                                           broker_url):
+    """Edit an op, launch: the new behaviour runs (before, the worker ran the old code until
+    it was restarted)."""
+    project = tmp_path / "project.py"
+    _write(project, 1)
+    worker = start_worker()
+    recon_job = ReconstructableJob(
+        ReconstructableRepository.for_file(str(project), "defs", str(tmp_path)), "job_a")
+    assert _run(recon_job, instance, tmp_path / "io", broker_url) == 2
+    time.sleep(0.05)  # a later mtime, whatever the file system's resolution
+    _write(project, 41)
+    assert _run(recon_job, instance, tmp_path / "io", broker_url) == 42
+    assert "changed" in worker.output()
+    assert len(_loads_elsewhere(project)) == 2  # the first zygote, then its replacement
+
+
+def test_a_worker_with_other_code_reloads_once_then_says_so_on_the_run(
+        tmp_path, instance, start_worker, broker_url, monkeypatch):
+    """The orchestrator plans from one copy of the code, the worker has another (a deploy
+    that reached one machine only): the worker reloads once, then runs what it has, and the
+    run's event log says the code differs (before, it ran silently old)."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for folder, value in [(ours, 100), (theirs, 1)]:
+        (folder / "skewed_project").mkdir(parents=True)
+        (folder / "skewed_project" / "__init__.py").write_text("")
+        _write(folder / "skewed_project" / "defs.py", value)
+    worker = start_worker(pythonpath=[str(theirs)])
+    # Not first: Dagster's module loader drops sys.path[0] (the script's folder).
+    monkeypatch.setattr(sys, "path", [sys.path[0], str(ours), *sys.path[1:]])
+    try:
+        recon_job = ReconstructableJob(
+            ReconstructableRepository.for_module("skewed_project.defs", "defs"), "job_a")
+        assert _run(recon_job, instance, tmp_path / "io", broker_url) == 2  # theirs: 1 + 1
+        assert _run(recon_job, instance, tmp_path / "io", broker_url) == 2
+    finally:
+        for name in [m for m in sys.modules if m.startswith("skewed_project")]:
+            del sys.modules[name]
+    log = worker.output()
+    assert log.count("loading the code again") == 1, log
+    warnings = [r.dagster_event.message for r in instance.all_logs(
+        instance.get_runs(limit=1)[0].run_id) if r.dagster_event
+        and "runs other code than the run was planned from" in (r.dagster_event.message or "")]
+    assert warnings, "the run does not say its steps ran other code"
