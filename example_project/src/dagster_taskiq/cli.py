@@ -307,6 +307,7 @@ def start(
         concurrency=concurrency,
         includes=[*yaml_includes, *includes],
         shutdown_timeout=shutdown_timeout,
+        loglevel=loglevel.upper(),
     )
     if name:
         options.name = name

@@ -30,7 +30,13 @@ from dagster._utils.error import SerializableErrorInfo, serializable_error_info_
 
 from dagster_taskiq.broker import BrokerUnavailable
 from dagster_taskiq.client import TaskiqClient
-from dagster_taskiq.event_log import TASK_ID_METADATA, metadata_text, run_events, task_of_step
+from dagster_taskiq.event_log import (
+    QUEUE_WAIT_MARKER,
+    TASK_ID_METADATA,
+    metadata_text,
+    run_events,
+    task_of_step,
+)
 from dagster_taskiq.executor import TaskiqExecutor, submit_step
 from dagster_taskiq.registry import serves
 from dagster_taskiq.results import Reply
@@ -42,7 +48,6 @@ from dagster_taskiq.tags import (
     priority_from_tags,
     tag_value,
 )
-from dagster_taskiq.tasks import QUEUE_WAIT_MARKER
 
 # How long one wait for results may block before the loop looks at interrupts, concurrency
 # slots and queue timeouts again. Results themselves wake the loop at once.
@@ -381,7 +386,9 @@ def _handle_reply(
     if outcome.get("skipped"):
         yield DagsterEvent.engine_event(
             step_context(),
-            f'The taskiq worker did not run step "{key}": its run is {outcome["skipped"]}.',
+            f'The taskiq worker did not run step "{key}": '
+            + ("it had already started (see the event above)." if outcome["skipped"] == "verified"
+               else f'its run is {outcome["skipped"]}.'),
             EngineEventData(marker_end=QUEUE_WAIT_MARKER),
         )
         return

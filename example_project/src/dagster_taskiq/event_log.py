@@ -11,6 +11,7 @@ from dagster import DagsterEventType, DagsterInstance
 from dagster._core.events import DagsterEvent
 
 TASK_ID_METADATA = "taskiq task id"
+QUEUE_WAIT_MARKER = "taskiq_queue_wait"  # from a step's submit event to its worker's first
 
 
 def metadata_text(event: DagsterEvent, label: str) -> str | None:

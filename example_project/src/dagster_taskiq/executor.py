@@ -35,6 +35,7 @@ from dagster_taskiq.config import (
     TASK_EXECUTE_PLAN,
     BrokerSettings,
 )
+from dagster_taskiq.worker.code import code_version
 
 TASKIQ_CONFIG: dict[str, Field] = {
     "broker": Field(
@@ -159,6 +160,19 @@ class TaskiqExecutor(Executor):
         return core_taskiq_execution_loop(plan_context, execution_plan, self)
 
 
+_code_versions: dict[str, str] = {}  # run id -> the code version its steps are sent with
+
+
+def _run_code_version(run_id: str, recon_job: ReconstructableJob) -> str:
+    """The version of the code this orchestrator runs, taken once per run (see
+    :func:`~dagster_taskiq.worker.code.code_version`)."""
+    if run_id not in _code_versions:
+        _code_versions[run_id] = code_version(recon_job.repository.pointer)
+        while len(_code_versions) > 64:
+            del _code_versions[next(iter(_code_versions))]
+    return _code_versions[run_id]
+
+
 def submit_step(
     client: TaskiqClient,
     plan_context: PlanOrchestrationContext,
@@ -192,6 +206,10 @@ def submit_step(
         "step_key": step.key,
     }
     return client.send(
-        TASK_EXECUTE_PLAN, [serialize_value(step_args), dict(recon_job.to_dict())], labels,
+        TASK_EXECUTE_PLAN,
+        # The code version lets a worker with other code notice, and reload, before it runs.
+        [serialize_value(step_args), dict(recon_job.to_dict()),
+         _run_code_version(plan_context.dagster_run.run_id, recon_job)],
+        labels,
         task_id=task_id,
     )

@@ -1,0 +1,192 @@
+"""The code a zygote has loaded: its definitions, built once, and the files they came from.
+
+Dagster keeps one repository and one job definition per process (``lru_cache(maxsize=1)`` on
+``ReconstructableJob``), and rebuilds a repository from its code pointer every time, which for a
+``@dg.definitions`` project means loading its whole defs folder again: steps of two jobs taking
+turns missed every time. A zygote holds exactly one version of the code, so it keeps every
+repository, job and subset it builds (:func:`install_definitions_cache`); a changed file means a
+new zygote (:class:`SourceFiles`), never a stale entry here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import sys
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_CACHE_SIZE = 256  # definitions per zygote: every job and subset of a few repositories
+
+
+def install_definitions_cache() -> None:
+    """Make Dagster's repository and job loading keep what it built, for this process (the
+    zygote, and every task forked from it)."""
+    from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+
+    if getattr(ReconstructableRepository.get_definition, "_dagster_taskiq_cached", False):
+        return
+    ReconstructableRepository.get_definition = _kept(  # ty: ignore[invalid-assignment]
+        ReconstructableRepository.get_definition)
+    ReconstructableJob.get_definition = _kept(  # ty: ignore[invalid-assignment]
+        ReconstructableJob.get_definition.__wrapped__)
+    ReconstructableJob.get_repository_definition = _kept(  # ty: ignore[invalid-assignment]
+        ReconstructableJob.get_repository_definition.__wrapped__)
+
+
+def _kept(build: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``build(self)`` memoized by ``self`` (reconstructables are hashable named tuples); only
+    successes are kept, so an import error is raised again, not remembered."""
+    built: dict[Any, Any] = {}
+
+    @functools.wraps(build)
+    def get(self: Any) -> Any:
+        try:
+            return built[self]
+        except KeyError:
+            pass
+        value = build(self)
+        built[self] = value
+        while len(built) > _CACHE_SIZE:
+            del built[next(iter(built))]
+        return value
+
+    get._dagster_taskiq_cached = True  # type: ignore[attr-defined]
+    get.built = built  # type: ignore[attr-defined]
+    return get
+
+
+def loaded_repositories() -> list[Any]:
+    """The repositories this process has built (to build again in a zygote that replaces it)."""
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    return list(getattr(ReconstructableRepository.get_definition, "built", {}))
+
+
+_DATA_SUFFIXES = (".yaml", ".yml", ".sql", ".json", ".toml")
+
+
+def _package_root(path: Path) -> Path:
+    """The outermost package directory holding ``path`` (its own folder for a plain file)."""
+    folder = path.parent
+    while (folder.parent / "__init__.py").exists():
+        folder = folder.parent
+    return folder
+
+
+def _library_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
+    roots.add(sys.base_prefix)
+    return tuple(os.path.realpath(root) + os.sep for root in roots)
+
+
+class StaleCode(Exception):
+    """The task was planned from other code than this process has loaded. ``key`` names that
+    other code (a job snapshot id, a code version), so a reload is tried once per key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+
+
+class SourceFiles:
+    """The source files of the code this process imported (every module outside the standard
+    library and installed packages, and the data files of their packages), with the state they
+    were loaded in: ``changed()`` says whether one was edited since."""
+
+    def __init__(self) -> None:
+        self._stats: dict[str, tuple[int, int]] = {}
+        self._roots = _library_roots()
+        self._packages: set[Path] = set()
+
+    def add_loaded_code(self) -> None:
+        """Take in the modules imported since the last call, and the data files of their
+        packages (a defs folder's components are ``defs.yaml`` files, read at build time)."""
+        found: list[str] = []
+        for module in list(sys.modules.values()):
+            path = getattr(module, "__file__", None)
+            if not path or not path.endswith(".py"):
+                continue
+            real = os.path.realpath(path)
+            if real in self._stats or real.startswith(self._roots):
+                continue
+            found.append(real)
+        packages = {_package_root(Path(path)) for path in found}
+        for path in sorted(found):
+            self._track(path)
+        for package in sorted(packages - self._packages):
+            self._packages.add(package)
+            # A package's whole tree; beside a plain module, only its own folder.
+            walk = package.rglob if (package / "__init__.py").exists() else package.glob
+            for path in sorted(walk("*")):
+                if path.suffix in _DATA_SUFFIXES and path.is_file():
+                    self._track(str(path.resolve()))
+
+    def _track(self, path: str) -> None:
+        with contextlib.suppress(OSError):
+            stat = os.stat(path)
+            self._stats[path] = (stat.st_mtime_ns, stat.st_size)
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self._stats)
+
+    def changed(self) -> str | None:
+        """The first tracked file edited, replaced or removed since it was loaded, if any."""
+        for path, (mtime, size) in self._stats.items():
+            try:
+                stat = os.stat(path)
+            except OSError:
+                return path
+            if (stat.st_mtime_ns, stat.st_size) != (mtime, size):
+                return path
+        return None
+
+
+def _tree_files(root: Path) -> list[Path]:
+    walk = root.rglob if (root / "__init__.py").exists() else root.glob
+    return [path for path in sorted(walk("*"))
+            if (path.suffix == ".py" or path.suffix in _DATA_SUFFIXES)
+            and "__pycache__" not in path.parts and path.is_file()]
+
+
+_versions: dict[Path, tuple[tuple[tuple[str, int, int], ...], str]] = {}
+
+
+def _tree_version(root: Path) -> str:
+    """A hash of the tree's contents, hashed again only when a file's size or mtime moved."""
+    files = _tree_files(root)
+    signature = []
+    for path in files:
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            signature.append((str(path), stat.st_mtime_ns, stat.st_size))
+    known = _versions.get(root)
+    if known is not None and known[0] == tuple(signature):
+        return known[1]
+    digest = hashlib.blake2b(digest_size=8)
+    for path in files:
+        with contextlib.suppress(OSError):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0"
+                          + hashlib.blake2b(path.read_bytes()).digest())
+    _versions[root] = (tuple(signature), digest.hexdigest())
+    return digest.hexdigest()
+
+
+def code_version(pointer: object) -> str:
+    """A hash of the source of the package a code pointer loads (its Python and data files):
+    the same on every machine with the same code, so an orchestrator and the workers running
+    its steps can tell whether they run the same code. ``""`` when the pointer names no file
+    this process can find."""
+    path = getattr(pointer, "python_file", None)
+    if path is None and isinstance(getattr(pointer, "module", None), str):
+        module = sys.modules.get(pointer.module)  # ty: ignore[unresolved-attribute]
+        path = getattr(module, "__file__", None)
+    if not isinstance(path, str):
+        return ""
+    return _tree_version(_package_root(Path(os.path.realpath(path))))
