@@ -14,22 +14,32 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dagster import DagsterEventType, DagsterInvariantViolationError
 from dagster import _check as check
+from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.errors import DagsterSubprocessError
 from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.execution.context.system import PlanOrchestrationContext
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 from dagster._core.execution.plan.plan import ExecutionPlan
+from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.execution.plan.step import ExecutionStep
-from dagster._serdes import deserialize_value
+from dagster._grpc.types import ExecuteStepArgs
+from dagster._serdes import deserialize_value, serialize_value
 from dagster._utils import get_run_crash_explanation
 from dagster._utils.error import SerializableErrorInfo, serializable_error_info_from_exc_info
 
-from dagster_taskiq.broker import BrokerUnavailable
+from dagster_taskiq.broker import (
+    LEASE_LABEL,
+    PRIORITY_LABEL,
+    QUEUE_LABEL,
+    REPLY_LABEL,
+    BrokerUnavailable,
+)
 from dagster_taskiq.client import TaskiqClient
+from dagster_taskiq.config import TASK_EXECUTE_PLAN
 from dagster_taskiq.event_log import (
     QUEUE_WAIT_MARKER,
     TASK_ID_METADATA,
@@ -37,7 +47,6 @@ from dagster_taskiq.event_log import (
     run_events,
     task_of_step,
 )
-from dagster_taskiq.executor import TaskiqExecutor, submit_step
 from dagster_taskiq.registry import serves
 from dagster_taskiq.results import Reply
 from dagster_taskiq.tags import (
@@ -48,6 +57,10 @@ from dagster_taskiq.tags import (
     priority_from_tags,
     tag_value,
 )
+from dagster_taskiq.worker.code import code_version
+
+if TYPE_CHECKING:
+    from dagster_taskiq.executor import TaskiqExecutor
 
 # How long one wait for results may block before the loop looks at interrupts, concurrency
 # slots and queue timeouts again. Results themselves wake the loop at once.
@@ -475,3 +488,57 @@ def _fail_step(
     )
     yield failure
     active_execution.handle_event(failure)
+
+
+_code_versions: dict[str, str] = {}  # run id -> the code version its steps are sent with
+
+
+def _run_code_version(run_id: str, recon_job: ReconstructableJob) -> str:
+    """The version of the code this orchestrator runs, taken once per run (see
+    :func:`~dagster_taskiq.worker.code.code_version`)."""
+    if run_id not in _code_versions:
+        _code_versions[run_id] = code_version(recon_job.repository.pointer)
+        while len(_code_versions) > 64:
+            del _code_versions[next(iter(_code_versions))]
+    return _code_versions[run_id]
+
+
+def submit_step(
+    client: TaskiqClient,
+    plan_context: PlanOrchestrationContext,
+    step: ExecutionStep,
+    queue: str,
+    priority: int,
+    known_state: KnownExecutionState,
+    reply_to: str,
+    lease_seconds: float,
+    task_id: str,
+) -> str:
+    """Send one step to ``queue`` as task ``task_id``; its reply arrives on ``reply_to``."""
+    recon_job = plan_context.reconstructable_job
+    check.inst(recon_job, ReconstructableJob)
+    executor = cast("TaskiqExecutor", plan_context.executor)
+    step_args = ExecuteStepArgs(
+        job_origin=recon_job.get_python_origin(),
+        run_id=plan_context.dagster_run.run_id,
+        step_keys_to_execute=[step.key],
+        instance_ref=plan_context.instance.get_ref(),
+        retry_mode=executor.retries.for_inner_plan(),
+        known_state=known_state,
+        print_serialized_events=True,
+    )
+    labels = {
+        QUEUE_LABEL: queue,
+        PRIORITY_LABEL: priority,
+        LEASE_LABEL: lease_seconds,
+        REPLY_LABEL: reply_to,
+        "step_key": step.key,
+    }
+    return client.send(
+        TASK_EXECUTE_PLAN,
+        # The code version lets a worker with other code notice, and reload, before it runs.
+        [serialize_value(step_args), dict(recon_job.to_dict()),
+         _run_code_version(plan_context.dagster_run.run_id, recon_job)],
+        labels,
+        task_id=task_id,
+    )

@@ -38,7 +38,6 @@ from dagster_taskiq.broker import RUN, STEP
 from dagster_taskiq.worker.outcome import StepOutcome
 from dagster_taskiq.worker.zygote import (
     CANCELLED,
-    NOT_STOPPED,
     PAGE_SIZE,
     RELEASED,
     STOP_OFFSET,
@@ -550,5 +549,3 @@ def _crash_outcome(pid: int, exit_code: int) -> StepOutcome:
     return {"events": [], "error": serialize_value(error), "crashed": True,
             "exit_code": exit_code}
 
-
-__all__ = ["NOT_STOPPED", "ZygoteFailed", "ZygoteRunner"]

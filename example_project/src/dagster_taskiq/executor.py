@@ -15,27 +15,19 @@ from dagster import (
     multiple_process_executor_requirements,
 )
 from dagster import _check as check
-from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.events import DagsterEvent
 from dagster._core.execution.context.system import PlanOrchestrationContext
 from dagster._core.execution.plan.plan import ExecutionPlan
-from dagster._core.execution.plan.state import KnownExecutionState
-from dagster._core.execution.plan.step import ExecutionStep
 from dagster._core.execution.retries import RetryMode, get_retries_config
 from dagster._core.execution.tags import get_tag_concurrency_limits_config
 from dagster._core.executor.base import Executor
-from dagster._grpc.types import ExecuteStepArgs
-from dagster._serdes import serialize_value
 
-from dagster_taskiq.broker import LEASE_LABEL, PRIORITY_LABEL, QUEUE_LABEL, REPLY_LABEL
-from dagster_taskiq.client import TaskiqClient
 from dagster_taskiq.config import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_QUEUE,
-    TASK_EXECUTE_PLAN,
     BrokerSettings,
 )
-from dagster_taskiq.worker.code import code_version
+from dagster_taskiq.core_execution_loop import core_taskiq_execution_loop
 
 TASKIQ_CONFIG: dict[str, Field] = {
     "broker": Field(
@@ -153,63 +145,6 @@ class TaskiqExecutor(Executor):
     def execute(
         self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan
     ) -> Iterator[DagsterEvent]:
-        from dagster_taskiq.core_execution_loop import core_taskiq_execution_loop
-
         for module in self.include:
             importlib.import_module(module)
         return core_taskiq_execution_loop(plan_context, execution_plan, self)
-
-
-_code_versions: dict[str, str] = {}  # run id -> the code version its steps are sent with
-
-
-def _run_code_version(run_id: str, recon_job: ReconstructableJob) -> str:
-    """The version of the code this orchestrator runs, taken once per run (see
-    :func:`~dagster_taskiq.worker.code.code_version`)."""
-    if run_id not in _code_versions:
-        _code_versions[run_id] = code_version(recon_job.repository.pointer)
-        while len(_code_versions) > 64:
-            del _code_versions[next(iter(_code_versions))]
-    return _code_versions[run_id]
-
-
-def submit_step(
-    client: TaskiqClient,
-    plan_context: PlanOrchestrationContext,
-    step: ExecutionStep,
-    queue: str,
-    priority: int,
-    known_state: KnownExecutionState,
-    reply_to: str,
-    lease_seconds: float,
-    task_id: str,
-) -> str:
-    """Send one step to ``queue`` as task ``task_id``; its reply arrives on ``reply_to``."""
-    recon_job = plan_context.reconstructable_job
-    check.inst(recon_job, ReconstructableJob)
-    executor = plan_context.executor
-    check.inst(executor, TaskiqExecutor)
-    step_args = ExecuteStepArgs(
-        job_origin=recon_job.get_python_origin(),
-        run_id=plan_context.dagster_run.run_id,
-        step_keys_to_execute=[step.key],
-        instance_ref=plan_context.instance.get_ref(),
-        retry_mode=executor.retries.for_inner_plan(),
-        known_state=known_state,
-        print_serialized_events=True,
-    )
-    labels = {
-        QUEUE_LABEL: queue,
-        PRIORITY_LABEL: priority,
-        LEASE_LABEL: lease_seconds,
-        REPLY_LABEL: reply_to,
-        "step_key": step.key,
-    }
-    return client.send(
-        TASK_EXECUTE_PLAN,
-        # The code version lets a worker with other code notice, and reload, before it runs.
-        [serialize_value(step_args), dict(recon_job.to_dict()),
-         _run_code_version(plan_context.dagster_run.run_id, recon_job)],
-        labels,
-        task_id=task_id,
-    )
