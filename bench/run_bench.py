@@ -17,10 +17,14 @@ Storages (``--storages``): ``sqlite`` (a fresh DAGSTER_HOME), ``postgres`` (a fr
 ``--pg-url``'s server, dropped afterwards).
 
 Per-step overhead = (median wall on the executor - median wall of in_process, same job, project
-and storage) / steps, in ms. Scale cases: a big job by ``--jobs`` (``--jobs fanout_50,fanout_1000
---workers 4``: per-step wall of each), ``--concurrent N`` (N runs of ``--concurrent-job`` at
-once, each orchestrated by a process of its own) and ``--rss 100,1000`` (the workers' resident
-memory, with their descendants, after that many steps of ``--rss-job``).
+and storage) / steps, in ms. For the defs project the report also counts loads of the folder
+(calls of its ``defs()``, logged by the project when ``$BENCH_DEFS_LOAD_LOG`` is set) by the
+orchestrator and by the workers (worker processes and everything they fork), per run.
+
+Scale cases: a big job by ``--jobs`` (``--jobs fanout_50,fanout_1000 --workers 4``: per-step
+wall of each), ``--concurrent N`` (N runs of ``--concurrent-job`` at once, each orchestrated by
+a process of its own) and ``--rss 100,1000`` (the workers' resident memory, with their
+descendants, after that many steps of ``--rss-job``).
 
     uv run --frozen python bench/run_bench.py                     # the original bench (~5 min)
     uv run --frozen python bench/run_bench.py -e taskiq --jobs chain_10 --workers 1
@@ -164,13 +168,32 @@ class Bench:
         self.logs = work / "logs"
         self.logs.mkdir()
         self.io_dir = str(work / "io")
-        self.env: dict[str, str] = {}
+        self.load_log = Path(os.environ["BENCH_DEFS_LOAD_LOG"])
+        self.env: dict[str, str] = {}  # the workers'
+        self.orchestrator_env: dict[str, str] = {}
         self.worker_args = ["-c", "1", *shlex.split(args.worker_args)]
         self.names = itertools.count()
         self.cases: list[dict] = []
         self.concurrent: list[dict] = []
         self.rss: list[dict] = []
         self.probes: list[dict] = []
+
+    def load_mark(self) -> int:
+        return self.load_log.stat().st_size if self.load_log.exists() else 0
+
+    def loads_since(self, mark: int, runs: int, steps: int) -> dict:
+        """(``steps``: of one run, on average.)"""
+        """Loads of the defs folder (``defs()`` calls) since ``mark``, by orchestrators and by
+        workers (a worker process or anything it forked), per run and (workers) per step."""
+        roles = []
+        if self.load_log.exists():
+            with open(self.load_log, "rb") as log:
+                log.seek(mark)
+                roles = [line.split()[0].decode() for line in log.read().splitlines()]
+        workers, orchestrators = roles.count("worker"), roles.count("orchestrator")
+        return {"orchestrator_per_run": round(orchestrators / runs, 2),
+                "worker_per_run": round(workers / runs, 2),
+                "worker_per_step": round(workers / (runs * steps), 3)}
 
     def spec(self, project: str, job: str, executor: str) -> dict:
         return {"project": project, "job": job, "executor": executor, "broker": self.broker,
@@ -193,26 +216,34 @@ class Bench:
         spec = self.spec(where["project"], job, executor)
         for _ in range(self.args.warmup):
             time_job(spec, instance)
+        mark = self.load_mark()
         times = [time_job(spec, instance)[0] for _ in range(self.args.reps)]
         median = statistics.median(times)
         case = {**where, "executor": executor, "workers": workers, "job": job,
                 "steps": steps_of(job), "runs": [round(t, 3) for t in times],
                 "median_s": round(median, 3),
                 "per_step_ms": round(median / steps_of(job) * 1000, 1)}
+        loads = ""
+        if where["project"] == "defs":
+            case["defs_loads"] = self.loads_since(mark, self.args.reps, steps_of(job))
+            loads = (f"  defs loads/run: orchestrator {case['defs_loads']['orchestrator_per_run']}"
+                     f", workers {case['defs_loads']['worker_per_run']}")
         self.cases.append(case)
         print(f"{label(case):36} {job:12} median {median:7.2f} s  "
-              f"runs {[round(t, 2) for t in times]}", flush=True)
+              f"runs {[round(t, 2) for t in times]}{loads}", flush=True)
 
     def concurrent_batch(self, project: str, executor: str, runs: int) -> tuple[float, list]:
         """Seconds from ``go`` until the last of ``runs`` orchestrators (started and loaded
         first) had its run back (each checks its result), and each one's own seconds."""
-        spec = json.dumps(self.spec(project, self.args.concurrent_job, executor))
+        jobs = split_list(self.args.concurrent_job)
         processes = []
         try:
             for i in range(runs):
+                spec = json.dumps(self.spec(project, jobs[i % len(jobs)], executor))
                 with open(self.logs / f"orchestrator-{next(self.names)}-{i}.log", "wb") as log:
                     processes.append(subprocess.Popen(
-                        [sys.executable, __file__, "--orchestrate", spec], env=self.env,
+                        [sys.executable, __file__, "--orchestrate", spec],
+                        env=self.orchestrator_env,
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                         start_new_session=True))
             for process in processes:
@@ -237,16 +268,21 @@ class Bench:
         args = self.args
         for _ in range(args.warmup):
             self.concurrent_batch(where["project"], executor, args.concurrent)
+        mark = self.load_mark()
         batches = [self.concurrent_batch(where["project"], executor, args.concurrent)
                    for _ in range(args.reps)]
         times = [total for total, _ in batches]
         median = statistics.median(times)
-        steps = args.concurrent * steps_of(args.concurrent_job)
+        jobs = split_list(args.concurrent_job)
+        steps = sum(steps_of(jobs[i % len(jobs)]) for i in range(args.concurrent))
         case = {**where, "executor": executor, "workers": workers, "job": args.concurrent_job,
                 "concurrent_runs": args.concurrent, "steps": steps,
                 "runs": [round(t, 3) for t in times], "median_s": round(median, 3),
                 "per_step_ms": round(median / steps * 1000, 1),
                 "run_seconds": [each for _, each in batches]}
+        if where["project"] == "defs":
+            case["defs_loads"] = self.loads_since(mark, args.reps * args.concurrent,
+                                                  steps / args.concurrent)
         self.concurrent.append(case)
         print(f"{label(case):36} {args.concurrent} x {args.concurrent_job} at once: median "
               f"{median:.2f} s  runs {[round(t, 2) for t in times]}", flush=True)
@@ -256,7 +292,7 @@ class Bench:
         passed; after each (and once before the first run), the workers' tree RSS."""
         args, job = self.args, self.args.rss_job
         spec, steps = self.spec(where["project"], job, "taskiq"), steps_of(job)
-        samples, done, runs = [], 0, 0
+        samples, done, runs, mark = [], 0, 0, self.load_mark()
         with self.workers(args.rss_workers, f"{where['storage']}-{where['project']}-rss") as ws:
 
             def sample() -> None:
@@ -276,7 +312,10 @@ class Bench:
                     time_job(spec, instance)
                     done, runs = done + steps, runs + 1
                 sample()
-        self.rss.append({**where, "job": job, "workers": args.rss_workers, "samples": samples})
+        entry = {**where, "job": job, "workers": args.rss_workers, "samples": samples}
+        if where["project"] == "defs" and runs:
+            entry["defs_loads"] = self.loads_since(mark, runs, steps)
+        self.rss.append(entry)
 
     def run_storage(self, storage: str) -> None:
         from dagster import DagsterInstance
@@ -288,7 +327,8 @@ class Bench:
                 url = stack.enter_context(postgres_database(args.pg_url))
                 extra = postgres_storage_yaml(url) + extra
             make_dagster_home(self.work, extra, name=f"home-{storage}")
-            self.env = bench_env(self.broker, BENCH, DEFS_SRC)
+            self.orchestrator_env = bench_env(self.broker, BENCH, DEFS_SRC)
+            self.env = {**self.orchestrator_env, "BENCH_ROLE": "worker"}
             # The schema exists before any worker starts (dagster creates it on first use).
             instance = stack.enter_context(DagsterInstance.get())
             for project in split_list(args.projects):
@@ -413,6 +453,18 @@ def summary(report: dict) -> str:
             lines.append(f"| {storage} | {project} | {executor} | "
                          + " | ".join(str(row.get(s, "")) for s in sizes) + " |")
         lines.append("")
+    loaded = [c for c in report["cases"] + report["concurrent"] if "defs_loads" in c]
+    if loaded:
+        lines += ["### defs-folder loads (`defs()` calls) per run: orchestrator / workers "
+                  "(workers per step)", ""]
+        for case in loaded:
+            job = case["job"]
+            if "concurrent_runs" in case:
+                job = f"{case['concurrent_runs']} x {job}"
+            loads = case["defs_loads"]
+            lines.append(f"- {label(case)} {job}: {loads['orchestrator_per_run']} / "
+                         f"{loads['worker_per_run']} ({loads['worker_per_step']})")
+        lines.append("")
     for entry in report["rss"]:
         marks = ", ".join(f"{s['steps']} steps: {s['total_kb'] / 1024:.1f} MiB"
                           for s in entry["samples"])
@@ -489,7 +541,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrent", type=int, default=0, metavar="N",
                         help="also time N runs of --concurrent-job at once (taskiq on "
                              "--concurrent-workers workers, and in_process if selected)")
-    parser.add_argument("--concurrent-job", default="fanout_50")
+    parser.add_argument("--concurrent-job", default="fanout_50",
+                        help="comma-separated: run i runs the (i mod k)-th (workers that serve "
+                             "several jobs at once)")
     parser.add_argument("--concurrent-workers", type=int, default=4)
     parser.add_argument("--rss", default="", metavar="STEPS",
                         help="e.g. 100,1000: worker tree RSS after that many steps of --rss-job")
@@ -524,10 +578,11 @@ def main() -> int:
     projects = split_list(args.projects)
     # The defs project defines the standard jobs and every other one this invocation runs.
     defs_jobs = dict.fromkeys([*split_list(STANDARD_JOBS), *split_list(args.jobs),
-                               args.concurrent_job, args.rss_job])
+                               *split_list(args.concurrent_job), args.rss_job])
     os.environ["BENCH_DEFS_JOBS"] = ",".join(defs_jobs)
 
     work = Path(tempfile.mkdtemp(prefix="dagster-taskiq-bench-"))
+    os.environ.update(BENCH_DEFS_LOAD_LOG=str(work / "defs-loads.log"), BENCH_ROLE="orchestrator")
     processes: list[subprocess.Popen] = []
     report: dict = {"machine": {"cpus": os.cpu_count(), "load1": os.getloadavg()[0],
                                 "cpu_probe_ms": cpu_probe_ms()},
