@@ -494,14 +494,16 @@ async def _hop_samples(broker_url: str, count: int, logs: Path) -> list[float]:
     client = make_broker(broker_url, ["dagster"], "client")
     await client.startup()
     task = client.find_task("record")
-    labels = {"queue_name": "dagster", "reply_to": "bench:replies"}
+    # The reply list shares the prefix (a Redis Cluster hash tag) of the task's keys.
+    replies_key = f"{client.settings.key_prefix}:bench:replies"
+    labels = {"queue_name": "dagster", "reply_to": replies_key}
     samples = []
     try:
         for i in range(count + 20):
             await client.redis.delete(TRACE)
             t0 = time.time()
             await task.kicker().with_labels(**labels).kiq(f"n{i}")
-            replies = await client.result_backend.wait_replies("bench:replies", 5)
+            replies = await client.result_backend.wait_replies(replies_key, 5)
             samples.append((time.time() - t0) * 1000)
             assert replies, "no reply"
             started = await client.redis.lindex(TRACE, 0)
