@@ -552,7 +552,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rss-job", default="fanout_50")
     parser.add_argument("--rss-workers", type=int, default=1)
     parser.add_argument("--worker-args", default="",
-                        help="more `dagster-taskiq worker start` arguments (one string)")
+                        help="more `dagster-taskiq worker start` arguments, one string "
+                             "(--worker-args='-i mod': with '=' when it starts with a dash)")
     parser.add_argument("--s3", choices=["auto", *S3_KINDS], default="auto",
                         help="S3 server for plain-s3 / defs (auto: minio, weed, else moto)")
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
@@ -560,7 +561,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-hop", action="store_true")
     parser.add_argument("--noop-compute-logs", action="store_true",
                         help="use Dagster's NoOpComputeLogManager (no per-step capture helpers)")
-    parser.add_argument("--keep-work", action="store_true", help="keep the temp dir (logs)")
+    parser.add_argument("--keep-work", action="store_true",
+                        help="keep the temp dir (logs; kept anyway when a case fails)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--md", type=Path, help="write the summary tables (markdown) here")
     parser.add_argument("--orchestrate", help=argparse.SUPPRESS)
@@ -586,6 +588,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dagster-taskiq-bench-"))
     os.environ.update(BENCH_DEFS_LOAD_LOG=str(work / "defs-loads.log"), BENCH_ROLE="orchestrator")
     processes: list[subprocess.Popen] = []
+    failed = True  # until the last case is done: a failure keeps the work dir (its logs)
     report: dict = {"machine": {"cpus": os.cpu_count(), "load1": os.getloadavg()[0],
                                 "cpu_probe_ms": cpu_probe_ms()},
                     "args": {k: str(v) if isinstance(v, Path) else v
@@ -612,11 +615,12 @@ def main() -> int:
         finally:
             report.update(cases=bench.cases, concurrent=bench.concurrent, rss=bench.rss,
                           probes=bench.probes)
+        failed = False
     finally:
         for process in processes:
             process.terminate()
             process.wait(10)
-        if args.keep_work:
+        if args.keep_work or failed:
             print(f"work dir kept: {work}", flush=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
