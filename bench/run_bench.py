@@ -181,10 +181,10 @@ class Bench:
     def load_mark(self) -> int:
         return self.load_log.stat().st_size if self.load_log.exists() else 0
 
-    def loads_since(self, mark: int, runs: int, steps: int) -> dict:
-        """(``steps``: of one run, on average.)"""
+    def loads_since(self, mark: int, runs: int, steps: float) -> dict:
         """Loads of the defs folder (``defs()`` calls) since ``mark``, by orchestrators and by
-        workers (a worker process or anything it forked), per run and (workers) per step."""
+        workers (a worker process or anything it forked), per run and (workers) per step
+        (``steps``: of one run, on average)."""
         roles = []
         if self.load_log.exists():
             with open(self.load_log, "rb") as log:
