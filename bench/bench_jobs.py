@@ -1,7 +1,10 @@
-"""Benchmark jobs, rebuilt by workers from a code pointer: ``make_job(shape, n, executor)``.
+"""Benchmark jobs, rebuilt by workers from a code pointer: ``make_job(shape, n, executor, io)``.
 
 Shapes match the shared baseline harness so numbers compare: ``fanout_N`` is a root op, N
 leaves and a collector (N + 2 steps; result 2N); ``chain_N`` is N ops in a line (result N).
+``io`` is ``fs`` (a ``FilesystemIOManager``; its ``base_dir`` comes from run config) or ``s3``
+(the S3 pickle IO manager of the defs-folder project in ``defs_project/``, configured by
+environment). The same shapes defined the way the template defines code: ``defs_project/``.
 ``chaos_job`` is the chaos soak's mixed job (see below).
 """
 
@@ -52,8 +55,18 @@ def _executor(name: str):
     return {"in_process": in_process_executor, "multiprocess": multiprocess_executor}[name]
 
 
+def _io_manager(io: str):
+    if io == "fs":
+        return FilesystemIOManager()
+    if io == "s3":
+        from bench_defs_project.storage import s3_io_manager
+
+        return s3_io_manager()
+    raise ValueError(f"unknown io {io!r}: use fs or s3")
+
+
 @cache
-def make_job(shape: str, n: int, executor: str) -> JobDefinition:
+def make_job(shape: str, n: int, executor: str, io: str = "fs") -> JobDefinition:
     n = int(n)
     if shape == "fanout":
 
@@ -73,7 +86,7 @@ def make_job(shape: str, n: int, executor: str) -> JobDefinition:
     else:
         raise ValueError(f"unknown shape {shape!r}: use fanout or chain")
     return body.to_job(executor_def=_executor(executor),
-                       resource_defs={"io_manager": FilesystemIOManager()})
+                       resource_defs={"io_manager": _io_manager(io)})
 
 
 def expected(shape: str, n: int) -> tuple[str, int, int]:

@@ -26,7 +26,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path[:0] = [str(BENCH), str(ROOT)]
 
-from run_bench import start_workers, stop  # noqa: E402
+from _harness import start_worker, stop  # noqa: E402
 
 from tests.conftest import start_redis  # noqa: E402
 
@@ -95,7 +95,7 @@ def main() -> int:
            "DAGSTER_TASKIQ_BROKER_URL": server.url(),
            "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT)])}
     os.environ.update({k: env[k] for k in ("DAGSTER_HOME", "DAGSTER_TASKIQ_BROKER_URL")})
-    workers = start_workers(2, env, work)
+    workers = [start_worker(f"keys{i}", env, work, ["-c", "1"]) for i in range(2)]
     samples, outcomes = [], Counter()
     started = time.monotonic()
     try:
@@ -112,7 +112,8 @@ def main() -> int:
                           f"without a TTL ({time.monotonic() - started:.0f} s)", flush=True)
         _, immortal = count_keys(server.url(), prefix)
     finally:
-        stop(workers)
+        for worker in workers:
+            stop(worker)
         server.process.terminate()
         server.process.wait(10)
     result = {"runs": args.runs, "outcomes": dict(outcomes), "samples": samples,

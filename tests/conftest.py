@@ -120,17 +120,27 @@ class S3Endpoint:
         )
 
 
-def _start_s3(directory: Path) -> tuple[S3Endpoint, subprocess.Popen]:
+S3_KINDS = ("minio", "seaweedfs", "moto")
+_S3_BINARIES = {"minio": "minio", "seaweedfs": "weed", "moto": "moto_server"}
+
+
+def start_s3(directory: Path, kind: str | None = None) -> tuple[S3Endpoint, subprocess.Popen]:
+    """Start an S3 server of ``kind`` (one of ``S3_KINDS``), by default the first on PATH."""
+    if kind is None:
+        kind = next((k for k in S3_KINDS if shutil.which(_S3_BINARIES[k])), "moto")
+    elif kind not in S3_KINDS:
+        raise ValueError(f"unknown S3 server {kind!r}: use one of {S3_KINDS}")
+    if not shutil.which(_S3_BINARIES[kind]):
+        raise RuntimeError(f"{_S3_BINARIES[kind]} ({kind}) is not on PATH.")
     port = free_port()
     key, secret = "testaccess", "testsecret-0123456789"
     url = f"http://127.0.0.1:{port}"
     log = open(directory / "s3.log", "wb")  # noqa: SIM115 - lives as long as the server
-    if shutil.which("minio"):
+    if kind == "minio":
         env = {**os.environ, "MINIO_ROOT_USER": key, "MINIO_ROOT_PASSWORD": secret}
         args = ["minio", "server", str(directory / "data"), "--address", f"127.0.0.1:{port}",
                 "--console-address", f"127.0.0.1:{free_port()}"]
-        kind = "minio"
-    elif shutil.which("weed"):
+    elif kind == "seaweedfs":
         config = directory / "s3.json"
         identity = {"name": "test", "credentials": [{"accessKey": key, "secretKey": secret}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
@@ -140,11 +150,9 @@ def _start_s3(directory: Path) -> tuple[S3Endpoint, subprocess.Popen]:
                 f"-s3.port={port}", f"-master.port={free_port()}",
                 f"-volume.port={free_port()}", f"-filer.port={free_port()}",
                 f"-s3.config={config}", "-admin.ui=false", "-webdav=false"]
-        kind = "seaweedfs"
     else:
         env = dict(os.environ)
         args = ["moto_server", "-H", "127.0.0.1", "-p", str(port)]
-        kind = "moto"
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     endpoint = S3Endpoint(url, key, secret, kind)
 
@@ -163,7 +171,7 @@ def _start_s3(directory: Path) -> tuple[S3Endpoint, subprocess.Popen]:
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory) -> Iterator[S3Endpoint]:
-    endpoint, process = _start_s3(tmp_path_factory.mktemp("s3"))
+    endpoint, process = start_s3(tmp_path_factory.mktemp("s3"))
     yield endpoint
     process.terminate()
     process.wait(10)
