@@ -190,3 +190,41 @@ def code_version(pointer: object) -> str:
     if not isinstance(path, str):
         return ""
     return _tree_version(_package_root(Path(os.path.realpath(path))))
+
+
+_warmed = False
+
+
+def warm_libraries() -> None:
+    """Pay once, in the zygote, what a library makes every forked step pay again.
+
+    botocore (the S3 IO manager and compute logs) re-reads and parses its service JSON for
+    every new session, i.e. in every step (~40 ms for S3), and builds its first client lazily
+    (~60 ms more): keep what it parsed (read-only to botocore, as its own per-session cache
+    already treats it) and build one client here."""
+    global _warmed  # once per process
+    if _warmed or "botocore" not in sys.modules:
+        return
+    _warmed = True
+    try:
+        import boto3
+        from botocore import loaders
+    except ImportError:
+        return
+    if not getattr(loaders.JSONFileLoader.load_file, "_dagster_taskiq_cached", False):
+        parse = loaders.JSONFileLoader.load_file
+        parsed: dict[Any, Any] = {}
+
+        @functools.wraps(parse)
+        def load_file(self: Any, file_path: str, *args: Any, **kwargs: Any) -> Any:
+            key = (file_path, args, tuple(sorted(kwargs.items())))
+            if key not in parsed:
+                parsed[key] = parse(self, file_path, *args, **kwargs)
+            return parsed[key]
+
+        load_file._dagster_taskiq_cached = True  # type: ignore[attr-defined]
+        loaders.JSONFileLoader.load_file = load_file  # ty: ignore[invalid-assignment]
+    with contextlib.suppress(Exception):  # a warm-up only: whatever fails here fails later too
+        boto3.session.Session().resource(
+            "s3", region_name="us-east-1", aws_access_key_id="warm-up",
+            aws_secret_access_key="warm-up")

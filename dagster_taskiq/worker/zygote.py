@@ -114,7 +114,11 @@ class Zygote:
         gc.freeze()
 
     def _track(self) -> None:
+        """Take in the code imported since (a code location loaded by its first task)."""
         if len(sys.modules) != self.modules_seen:
+            from dagster_taskiq.worker.code import warm_libraries
+
+            warm_libraries()
             self.files.add_loaded_code()
             self.modules_seen = len(sys.modules)
 
