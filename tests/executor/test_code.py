@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from dagster import DagsterInstance, execute_job
+from dagster import AssetKey, DagsterInstance, execute_job
 from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
 
 from tests.executor.conftest import run_config
@@ -46,11 +46,35 @@ def job_b():
     plus(plus(one()))
 
 
+@dg.asset
+def first() -> int:
+    return VALUE
+
+
+@dg.asset
+def second(first: int) -> int:
+    return first + 1
+
+
+@dg.op
+def secret() -> str:
+    return os.environ.get("DAGSTER_TASKIQ_TEST_SECRET", "not set")
+
+
+@dg.job(executor_def=taskiq_executor)
+def secret_job():
+    secret()
+
+
+assets_job = dg.define_asset_job("assets_job", executor_def=taskiq_executor)
+
+
 @dg.definitions
 def defs():
     with open(Path(__file__).with_suffix(".loads"), "a") as loads:
         loads.write(f"{{os.getpid()}}\\n")
-    return dg.Definitions(jobs=[job_a, job_b], resources={{"io_manager": dg.fs_io_manager}})
+    return dg.Definitions(jobs=[job_a, job_b, secret_job, assets_job], assets=[first, second],
+                          resources={{"io_manager": dg.fs_io_manager}})
 '''
 
 
@@ -89,7 +113,34 @@ def test_definitions_are_built_once_per_worker_for_every_job_and_subset(
     with execute_job(job_b.get_subset(op_selection=["one"]), instance=instance,
                      run_config=run_config(str(tmp_path / "io"), broker_url)) as result:
         assert result.success and result.output_for_node("one") == 1
+    assets_job = ReconstructableJob(repository, "assets_job")
+    for selection in ({AssetKey("first")}, {AssetKey("first"), AssetKey("second")}):
+        with execute_job(assets_job.get_subset(asset_selection=selection), instance=instance,
+                         run_config=run_config(str(tmp_path / "io"), broker_url)) as result:
+            assert result.success
+            assert {e.asset_key for e in result.get_asset_materialization_events()} == selection
     assert len(_loads_elsewhere(project)) == 1, _loads_elsewhere(project)
+
+
+def test_steps_get_the_env_vars_of_the_instances_secrets_loader(
+        tmp_path, dagster_home, start_worker, broker_url, monkeypatch):
+    """As Dagster's own step entry point does: the instance's secrets loader sets the step's
+    env vars. Before, steps ran without them."""
+    (dagster_home / "dagster.yaml").write_text(
+        "telemetry:\n  enabled: false\nsecrets:\n  custom:\n"
+        "    module: tests.executor.secrets_loader\n    class: StaticSecrets\n"
+        "    config:\n      env:\n        DAGSTER_TASKIQ_TEST_SECRET: from-the-loader\n")
+    monkeypatch.delenv("DAGSTER_TASKIQ_TEST_SECRET", raising=False)  # restored if set here
+    project = tmp_path / "project.py"
+    _write(project, 1)
+    start_worker()
+    recon_job = ReconstructableJob(
+        ReconstructableRepository.for_file(str(project), "defs", str(tmp_path)), "secret_job")
+    with DagsterInstance.get() as instance, execute_job(
+            recon_job, instance=instance,
+            run_config=run_config(str(tmp_path / "io"), broker_url)) as result:
+        assert result.success
+        assert result.output_for_node("secret") == "from-the-loader"
 
 
 def test_an_edited_op_runs_its_new_code_at_the_next_launch(tmp_path, instance, start_worker,
