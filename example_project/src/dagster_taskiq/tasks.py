@@ -18,11 +18,11 @@ from taskiq import AsyncBroker, Context, TaskiqDepends
 
 from dagster_taskiq.broker import RUN, STEP
 from dagster_taskiq.config import TASK_EXECUTE_JOB, TASK_EXECUTE_PLAN, TASK_RESUME_JOB
+from dagster_taskiq.worker.outcome import StepOutcome, error_outcome
 
 STEP_ENTRY = "dagster_taskiq.worker.steps:prepare_step"
 RUN_ENTRY = "dagster_taskiq.worker.steps:prepare_run"
 
-StepOutcome = dict[str, Any]  # see dagster_taskiq.worker.outcome
 
 
 class StepRunner(Protocol):
@@ -40,7 +40,6 @@ class InlineStepRunner:
 
     async def run(self, task_id: str, entry: str, kwargs: dict[str, Any], label: str,
                   kind: str = STEP) -> StepOutcome:
-        from dagster_taskiq.worker.outcome import error_outcome
         from dagster_taskiq.worker.zygote import resolve
 
         try:

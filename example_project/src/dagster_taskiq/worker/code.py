@@ -121,10 +121,8 @@ class SourceFiles:
             self._track(path)
         for package in sorted(packages - self._packages):
             self._packages.add(package)
-            # A package's whole tree; beside a plain module, only its own folder.
-            walk = package.rglob if (package / "__init__.py").exists() else package.glob
-            for path in sorted(walk("*")):
-                if path.suffix in _DATA_SUFFIXES and path.is_file():
+            for path in _tree_files(package):
+                if path.suffix in _DATA_SUFFIXES:
                     self._track(str(path.resolve()))
 
     def _track(self, path: str) -> None:
@@ -149,6 +147,8 @@ class SourceFiles:
 
 
 def _tree_files(root: Path) -> list[Path]:
+    """The source and data files of a package's whole tree (beside a plain module: only its
+    own folder, which may be anything)."""
     walk = root.rglob if (root / "__init__.py").exists() else root.glob
     return [path for path in sorted(walk("*"))
             if (path.suffix == ".py" or path.suffix in _DATA_SUFFIXES)
