@@ -90,3 +90,46 @@ def test_update_from_tag_to_head_keeps_user_edits(template_clone: Path, tmp_path
     answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
     assert answers["_commit"] != "v0.1.0"
     assert answers["queues"] == ["short", "long", "gpu"]
+
+
+def test_update_to_kubernetes_keeps_user_edits(template_clone: Path, tmp_path: Path) -> None:
+    """From the last template version without `deploy_targets` to HEAD, choosing Kubernetes:
+    deploy/kubernetes/ arrives, the user's edits stay, nothing conflicts."""
+    introduced = git(template_clone, "log", "--format=%H", "-S", "deploy_targets:",
+                     "--", "copier.yml").split()
+    assert introduced, "copier.yml never gained deploy_targets"
+    git(template_clone, "tag", "before-k8s", f"{introduced[-1]}^")
+    project = tmp_path / "project"
+    run_copy(str(template_clone), str(project), defaults=True, vcs_ref="before-k8s", quiet=True)
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert "deploy_targets" not in answers and not (project / "deploy").exists()
+    package = answers["package_name"]
+    git(project, "init", "-q")
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "generated")
+
+    hello = project / "src" / package / "defs" / "examples" / "hello.py"
+    edit(hello, 'message = f"Hello from a taskiq worker', 'message = f"Howdy from a taskiq worker')
+    readme = project / "README.md"
+    readme.write_text(readme.read_text() + "\n## Team notes\n\nOn call: the data team.\n")
+    edit(project / "compose.yaml", "stop_grace_period: 60s", "stop_grace_period: 75s")
+    git(project, "commit", "-q", "-am", "our changes")
+
+    run_update(str(project), data={"deploy_targets": "compose+kubernetes"}, defaults=True,
+               overwrite=True, vcs_ref="HEAD", quiet=True)
+
+    kube = project / "deploy" / "kubernetes"
+    for name in ("kustomization.yaml", "helm-values.yaml", "autoscaling.yaml",
+                 "dagster-taskiq.yaml", "secrets.example.env", "README.md", ".gitignore"):
+        assert (kube / name).is_file(), name
+    assert "worker-short" in (kube / "autoscaling.yaml").read_text()
+    assert "deploy/kubernetes/README.md" in readme.read_text()
+    assert "Howdy from a taskiq worker" in hello.read_text()
+    assert "## Team notes" in readme.read_text()
+    assert "stop_grace_period: 75s" in (project / "compose.yaml").read_text()
+    for path in project.rglob("*"):
+        if path.is_file() and ".git" not in path.parts:
+            assert not path.name.endswith(".rej"), path
+            assert "<<<<<<<" not in path.read_text(errors="replace"), path
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["deploy_targets"] == "compose+kubernetes"
