@@ -23,7 +23,7 @@ from dagster._core.execution.api import execute_plan_iterator
 from dagster._core.execution.plan.plan import ExecutionPlan
 from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.instance.ref import InstanceRef
-from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus, RunsFilter
+from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs, ResumeRunArgs
@@ -32,6 +32,7 @@ from dagster._serdes import deserialize_value, serialize_value
 from dagster_taskiq.event_log import QUEUE_WAIT_MARKER, TASK_ID_METADATA
 from dagster_taskiq.worker.code import StaleCode, code_version
 from dagster_taskiq.worker.outcome import StepOutcome, error_outcome
+from dagster_taskiq.worker.storage import run_has_ended, share_engines
 
 # Modules Dagster imports lazily while executing a step or a run: imported once in the zygote,
 # so that forked tasks do not each pay for it.
@@ -41,11 +42,6 @@ PRELOAD = (
     "dagster._core.execution.compute_logs",
     "dagster._core.system_config.composite_descent",
 )
-
-
-# Dagster's own step entry point skips a step whose run is finished or canceling.
-ENDED_RUN_STATUSES = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
-                      DagsterRunStatus.CANCELED, DagsterRunStatus.CANCELING]
 
 
 class _Loaded:
@@ -66,6 +62,7 @@ class _Loaded:
             # Storages and the compute log manager are built lazily: build them here, once,
             # rather than in every forked task.
             _ = instance.run_storage, instance.event_log_storage, instance.compute_log_manager
+            share_engines(instance)
             self.instances[key] = instance
             if len(self.instances) > self.size:
                 self.instances.popitem(last=False)[1].dispose()
@@ -162,24 +159,16 @@ class PreparedStep:
     code_difference: str | None = None
 
     def execute(self) -> StepOutcome:
-        """Run the step as Dagster's ``execute_step`` entry point does (skip it if its run has
-        ended, inject the run's env vars, verify it if asked); every event is written to the
-        instance as it happens (the UI sees the step live) and also returned, serialized, for
-        the orchestrator's bookkeeping."""
+        """Run the step as Dagster's ``execute_step`` entry point does (its run was found not
+        to have ended just before the fork; inject the run's env vars, verify it if asked);
+        every event is written to the instance as it happens (the UI sees the step live) and
+        also returned, serialized, for the orchestrator's bookkeeping."""
         from dagster._cli.api import verify_step  # preloaded by the zygote
 
         events: list[str] = []
         args, instance = self.args, self.instance
         step_keys = list(args.step_keys_to_execute or [])
         try:
-            # Fresh, not the zygote's copy: a step left queued by an orchestrator that died or
-            # was stopped must not run into an ended run (one indexed query: reading the
-            # whole run costs several times more).
-            if instance.get_run_ids(RunsFilter(run_ids=[args.run_id],
-                                               statuses=ENDED_RUN_STATUSES), limit=1):
-                current = instance.get_run_by_id(args.run_id)
-                status = current.status.value if current else "gone"
-                return {"events": [], "error": None, "crashed": False, "skipped": status}
             run = self.run
             location = run.remote_job_origin.location_name if run.remote_job_origin else None
             instance.inject_env_vars(location)
@@ -240,6 +229,14 @@ def prepare_step(step_args: str, job_pointer: dict[str, Any], worker: str, task_
     instance = LOADED.instance(args.instance_ref)
     recon_job = ReconstructableJob.from_dict(job_pointer)
     run, run_config = LOADED.run(instance, args.run_id, recon_job)
+    # Asked fresh for every task, not the zygote's copy of the run: a step left queued by an
+    # orchestrator that died or was stopped must not run into an ended run. Asked here, warm,
+    # just before the fork (one indexed query; in a freshly forked child it cost ~5 ms).
+    if run_has_ended(instance, args.run_id):
+        current = instance.get_run_by_id(args.run_id)
+        skipped: StepOutcome = {"events": [], "error": None, "crashed": False,
+                                "skipped": current.status.value if current else "gone"}
+        return lambda: skipped
     difference = None
     check = (args.run_id, json.dumps(job_pointer, sort_keys=True) + code_version)
     if check not in LOADED.checked or stale_ok:

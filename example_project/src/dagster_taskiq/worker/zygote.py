@@ -18,6 +18,7 @@ JSON object per line.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import json
@@ -58,13 +59,18 @@ def read_stop(page: mmap.mmap) -> bytes:
     return page[STOP_OFFSET:STOP_OFFSET + 1]
 
 
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)  # loaded once, by the zygote, for every child
+
+
 def die_with_parent(parent: int) -> None:
     """Be killed when ``parent`` dies (SIGKILL, OOM): tasks of a dead worker must not go on
     beside the copies other workers take once their leases expire."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before prctl took effect
         os._exit(1)
 
@@ -271,6 +277,9 @@ class Zygote:
             while payload:
                 payload = payload[os.write(write_fd, payload):]
             os.close(write_fd)  # EOF for the worker now, not after this process is torn down
+            from dagster_taskiq.worker.storage import release_connections
+
+            release_connections()  # closing a database can checkpoint it: after the reply
         except BaseException:
             code = 70
         finally:
