@@ -159,6 +159,36 @@ def _parents() -> dict[int, int]:
     return parents
 
 
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """(own, reaped children's) CPU seconds of ``pid`` (user + system), from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return ((int(fields[11]) + int(fields[12])) / tick,
+            (int(fields[13]) + int(fields[14])) / tick)
+
+
+def tree_cpu(pid: int) -> dict:
+    """CPU seconds of a worker's tree: ``worker`` (the process itself), ``zygotes`` (the live
+    zygotes' own) and ``tasks`` (every task they forked, live or reaped)."""
+    parents = _parents()
+    children: dict[int, list[int]] = {}
+    for child, parent in parents.items():
+        children.setdefault(parent, []).append(child)
+    own, reaped = _cpu_seconds(pid)
+    zygotes = tasks = 0.0
+    for zygote in children.get(pid, []):  # a worker's children are its zygotes
+        try:
+            mine, theirs = _cpu_seconds(zygote)
+        except (OSError, IndexError):
+            continue  # it exited meanwhile
+        zygotes += mine
+        tasks += theirs + sum(sum(_cpu_seconds(task)) for task in children.get(zygote, [])
+                              if os.path.exists(f"/proc/{task}"))
+    # A replaced zygote, reaped by the worker, counts with the tasks.
+    return {"worker": own, "zygotes": zygotes, "tasks": tasks + reaped}
+
+
 def tree_rss(pid: int) -> dict:
     """``VmRSS`` (and ``RssAnon``) from ``/proc/<pid>/status`` of ``pid`` and every live
     descendant, in kB: ``{"total_kb", "anon_kb", "processes": [{pid, ppid, name, rss_kb,

@@ -43,6 +43,7 @@ import contextlib
 import itertools
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -51,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -68,6 +69,7 @@ from _harness import (  # noqa: E402
     postgres_storage_yaml,
     start_worker,
     stop,
+    tree_cpu,
     tree_rss,
 )
 from bench_jobs import expected  # noqa: E402
@@ -212,25 +214,44 @@ class Bench:
             for process in started:
                 stop(process)
 
-    def measure(self, where: dict, job: str, executor: str, workers: int, instance) -> None:
+    def measure(self, where: dict, job: str, executor: str, workers: int, instance,
+                worker_processes: Sequence[subprocess.Popen] = ()) -> None:
         spec = self.spec(where["project"], job, executor)
         for _ in range(self.args.warmup):
             time_job(spec, instance)
         mark = self.load_mark()
+        cpu_before = self.cpu(worker_processes)
         times = [time_job(spec, instance)[0] for _ in range(self.args.reps)]
+        cpu_after = self.cpu(worker_processes)
         median = statistics.median(times)
         case = {**where, "executor": executor, "workers": workers, "job": job,
                 "steps": steps_of(job), "runs": [round(t, 3) for t in times],
                 "median_s": round(median, 3),
-                "per_step_ms": round(median / steps_of(job) * 1000, 1)}
+                "per_step_ms": round(median / steps_of(job) * 1000, 1),
+                # CPU per step by role, summed over the reps (steady on a noisy machine, where
+                # wall times are not): this process orchestrates (or runs in_process).
+                "cpu_ms_per_step": {
+                    role: round((cpu_after[role] - cpu_before[role]) * 1000
+                                / (self.args.reps * steps_of(job)), 1)
+                    for role in cpu_after}}
         loads = ""
         if where["project"] == "defs":
             case["defs_loads"] = self.loads_since(mark, self.args.reps, steps_of(job))
             loads = (f"  defs loads/run: orchestrator {case['defs_loads']['orchestrator_per_run']}"
                      f", workers {case['defs_loads']['worker_per_run']}")
         self.cases.append(case)
+        cpu = " ".join(f"{role} {ms:g}" for role, ms in case["cpu_ms_per_step"].items())
         print(f"{label(case):36} {job:12} median {median:7.2f} s  "
-              f"runs {[round(t, 2) for t in times]}{loads}", flush=True)
+              f"runs {[round(t, 2) for t in times]}{loads}  cpu ms/step: {cpu}", flush=True)
+
+    @staticmethod
+    def cpu(worker_processes: Sequence[subprocess.Popen]) -> dict[str, float]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        trees = [tree_cpu(p.pid) for p in worker_processes]
+        return {"orchestrator": usage.ru_utime + usage.ru_stime,
+                "workers": sum(t["worker"] for t in trees),
+                "zygotes": sum(t["zygotes"] for t in trees),
+                "tasks": sum(t["tasks"] for t in trees)}
 
     def concurrent_batch(self, project: str, executor: str, runs: int) -> tuple[float, list]:
         """Seconds from ``go`` until the last of ``runs`` orchestrators (started and loaded
@@ -352,9 +373,9 @@ class Bench:
                 continue
             for count in (int(w) for w in split_list(args.workers)):
                 if jobs:
-                    with self.workers(count, tag):
+                    with self.workers(count, tag) as started:
                         for job in jobs:
-                            self.measure(where, job, executor, count, instance)
+                            self.measure(where, job, executor, count, instance, started)
             if args.concurrent:
                 with self.workers(args.concurrent_workers, f"{tag}-concurrent"):
                     self.measure_concurrent(where, executor, args.concurrent_workers)
@@ -437,6 +458,18 @@ def summary(report: dict) -> str:
         for (storage, project, job, steps), row in rows.items():
             lines.append(f"| {storage} | {project} | {job} ({steps}) | "
                          + " | ".join(cell(row.get(n)) for n in names) + " |")
+        lines.append("")
+    timed = [c for c in report["cases"] if "cpu_ms_per_step" in c]
+    if timed:
+        lines += ["### CPU per step (ms): orchestrator (or in_process), workers, zygotes, tasks",
+                  "", "| storage | project | job | executor | orchestrator | workers | zygotes "
+                  "| tasks | total |", "|---" * 9 + "|"]
+        for case in timed:
+            cpu = case["cpu_ms_per_step"]
+            lines.append(f"| {case['storage']} | {case['project']} | {case['job']} | "
+                         f"{label(case).split(' ', 1)[1]} | {cpu['orchestrator']} | "
+                         f"{cpu['workers']} | {cpu['zygotes']} | {cpu['tasks']} | "
+                         f"{round(sum(cpu.values()), 1)} |")
         lines.append("")
     big = [c for c in report["cases"] if c["job"].startswith("fanout_")]
     if len({c["job"] for c in big}) > 1:
