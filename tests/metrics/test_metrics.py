@@ -5,9 +5,11 @@ terminal view (``status --watch``) under a real pseudo-terminal."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import termios
@@ -17,11 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from dagster_taskiq.client import TaskiqClient
+from dagster_taskiq.config import DEFAULT_KEY_PREFIX as P
 from dagster_taskiq.config import BrokerSettings
 from tests.conftest import free_port, wait_for
+from tests.e2e.conftest import alive
 from tests.executor.conftest import CLI, execute_test_job, run_config, worker_env
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -194,7 +199,7 @@ def test_worker_metrics_exporter_and_watch_during_real_jobs(
         with exporter(broker_url) as exporter_port:
             # One step longer than a few heartbeats (1 s), seen while it runs.
             config = run_config(io_dir, broker_url)
-            config["ops"] = {"low_0": {"config": {"seconds": 4.0}}}
+            config["ops"] = {"low_0": {"config": {"seconds": 3.0}}}
             outcome: list[bool] = []
 
             def slow() -> None:
@@ -258,7 +263,7 @@ def test_worker_metrics_exporter_and_watch_during_real_jobs(
     assert value(samples, count, queue="dagster", job="test_serial_job") == 2
     assert value(samples, count, queue="dagster", job="test_fails") == 1
     assert value(samples, "dagster_taskiq_step_duration_seconds_sum", queue="dagster",
-                 job="low_job") >= 4.0  # it slept 4 s
+                 job="low_job") >= 3.0  # it slept 3 s
     assert value(samples, "dagster_taskiq_run_duration_seconds_count", queue="dagster",
                  job="broken_job") == 1
     assert total(samples, "dagster_taskiq_queue_wait_seconds_count") == steps + 1
@@ -277,3 +282,75 @@ def test_worker_metrics_exporter_and_watch_during_real_jobs(
     # Never a run id, task id or step key as a label.
     labels = {label for _, ls in samples for label, _ in ls}
     assert labels <= {"queue", "kind", "priority", "job", "worker", "outcome", "le"}, labels
+
+
+def _running_child(server: redis.Redis) -> int | None:
+    """The pid of the one task a worker's registry entry lists, if any."""
+    for key in server.keys(f"{P}:worker:*"):
+        tasks = json.loads(server.hget(key, "tasks") or "[]")
+        if tasks:
+            return int(tasks[0]["pid"])
+    return None
+
+
+def test_worker_counts_a_lost_lease_its_redelivery_and_a_crashed_step(
+        start_worker: Any, broker_url: str, instance: Any, io_dir: str) -> None:
+    port = free_port()
+    worker = start_worker(name="metered", args=["--metrics-port", str(port),
+                                                "--metrics-host", "127.0.0.1"])
+    server = redis.Redis.from_url(broker_url)
+    config = run_config(io_dir, broker_url, worker_heartbeat_timeout=2.0)
+    config["ops"] = {"slow_0": {"config": {"seconds": 4.0}},
+                     **{f"slow_{i}": {"config": {"seconds": 0.1}} for i in (1, 2)}}
+    outcome: list[bool] = []
+
+    def chain() -> None:
+        with execute_test_job("slow_chain_job", instance, config) as result:
+            outcome.append(result.success)
+
+    job = threading.Thread(target=chain)
+    job.start()
+    try:
+        child = wait_for(lambda: _running_child(server), 60, "slow_0 to run")
+        # Frozen past its lease: the step stops itself at its fence, and the orchestrator
+        # (which reaps expired leases while it waits) puts it back in the queue.
+        os.kill(worker.process.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: not alive(child), 30, "the step to stop itself", interval=0.1)
+            wait_for(lambda: any(server.hexists(key, "lost_holder")
+                                 for key in server.keys(f"{P}:task:*")),
+                     30, "the lease to be reaped", interval=0.1)
+        finally:
+            os.kill(worker.process.pid, signal.SIGCONT)
+    finally:
+        job.join(90)
+    assert outcome == [True]  # slow_0 ran again, on the same worker
+    with execute_test_job("crash_step_job", instance, run_config(io_dir, broker_url)) as result:
+        assert not result.success
+
+    samples = scrape(port)
+    assert value(samples, "dagster_taskiq_lease_expiries_total", queue="dagster") == 1
+    assert value(samples, "dagster_taskiq_redeliveries_total", queue="dagster") == 1
+    assert value(samples, "dagster_taskiq_lost_steps_total", queue="dagster") == 1
+    assert value(samples, "dagster_taskiq_tasks_received_total", queue="dagster",
+                 kind="step") == 5  # slow_0 twice, slow_1, slow_2, crash_step
+    outcomes = "dagster_taskiq_task_outcomes_total"
+    for name, count in (("success", 3), ("released", 1), ("crashed", 1), ("failure", 0)):
+        assert value(samples, outcomes, queue="dagster", kind="step", outcome=name) == count
+    # A released attempt has no duration: it did not end.
+    assert total(samples, "dagster_taskiq_step_duration_seconds_count") == 4
+
+
+def test_a_taken_metrics_port_is_a_clear_error(broker_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, code in ((["worker", "start", "-n", "clash", "--metrics-port", port,
+                             "--metrics-host", "127.0.0.1"], 1),
+                           (["exporter", "--port", port, "--host", "127.0.0.1"], 2)):
+            result = subprocess.run([CLI, *args], env=worker_env(broker_url),
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == code, result.stderr
+            assert f"metrics on 127.0.0.1:{port}" in result.stderr, result.stderr
+            assert "Traceback" not in result.stderr
