@@ -251,7 +251,8 @@ CONFIG_YAML = click.option(
 
 
 @click.group(help="Run and inspect dagster-taskiq workers (start, list, terminate) and queues "
-             "(status). Exit codes: 0 ok; 1 no (matching) live worker, or a worker failed to "
+             "(status, status --watch); serve the cluster's Prometheus metrics (exporter). "
+             "Exit codes: 0 ok; 1 no (matching) live worker, or a worker failed to "
              "start; 2 usage or config error; 3 broker unreachable (URL shown, password "
              "masked); 4 terminate --wait ran out.")
 def main() -> None:

@@ -108,12 +108,12 @@ class WorkerMetrics:
                 for outcome in OUTCOMES:
                     self.outcomes.labels(queue, kind, outcome)
         # task id -> (queue, seconds it waited): from its claim until its lease is let go.
-        self._claims: dict[str, tuple[str, float]] = {}
-        self._started: dict[str, float] = {}  # task id -> monotonic start on this worker
+        self.claims: dict[str, tuple[str, float]] = {}
+        self.started: dict[str, float] = {}  # task id -> monotonic start on this worker
 
     # The broker's hooks (:class:`~dagster_taskiq.broker.LeaseMetrics`).
     def claimed(self, task_id: str, queue: str, kind: str, token: int, waited: float) -> None:
-        self._claims[task_id] = (queue, waited)
+        self.claims[task_id] = (queue, waited)
         self.received.labels(queue, kind).inc()
         if token > 1:
             self.redeliveries.labels(queue).inc()
@@ -125,10 +125,10 @@ class WorkerMetrics:
         self.expiries.labels(self.queue_of(task_id, None)).inc()
 
     def forgotten(self, task_id: str) -> None:
-        self._claims.pop(task_id, None)
+        self.claims.pop(task_id, None)
 
     def queue_of(self, task_id: str, message: TaskiqMessage | None) -> str:
-        claim = self._claims.get(task_id)
+        claim = self.claims.get(task_id)
         if claim is not None:
             return claim[0]
         if message is not None:
@@ -186,16 +186,16 @@ class _TaskMetrics(TaskiqMiddleware):
 
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         metrics = self.metrics
-        metrics._started[message.task_id] = time.monotonic()
+        metrics.started[message.task_id] = time.monotonic()
         self.busy.inc()
-        claim = metrics._claims.get(message.task_id)
+        claim = metrics.claims.get(message.task_id)
         if claim is not None:
             metrics.queue_wait.labels(claim[0], job_of(message)).observe(claim[1])
         return message
 
     def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
         metrics = self.metrics
-        started = metrics._started.pop(message.task_id, None)
+        started = metrics.started.pop(message.task_id, None)
         self.busy.dec()
         queue = metrics.queue_of(message.task_id, message)
         outcome = outcome_of(self.kind, result)
