@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from dagster import FilesystemIOManager, RetryPolicy, job, op
+from dagster import FilesystemIOManager, RetryPolicy, in_process_executor, job, op
 
 from dagster_taskiq import taskiq_executor
 from dagster_taskiq.tags import TASKIQ_PRIORITY_TAG, TASKIQ_QUEUE_TAG
@@ -66,3 +66,14 @@ def monitored_job():
 @job(executor_def=taskiq_executor, resource_defs={"io_manager": FilesystemIOManager()})
 def side_queue_job():
     waits_on_side_queue()
+
+
+@op
+def nothing() -> None:
+    pass
+
+
+@job(executor_def=in_process_executor)
+def quick_job():
+    """Runs twice: Prometheus sees a histogram series grow only from its second sample on."""
+    nothing()

@@ -118,28 +118,26 @@ def _wait_firing(prometheus: Prometheus, rule: dict[str, Any], **labels: str) ->
 
 
 def test_every_panel_and_alert_returns_data(
-    tmp_path: Path, monkeypatch, start_worker, prometheus_factory,
+    tmp_path: Path, dagster_home: Path, start_worker, prometheus_factory,
 ) -> None:
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
     redis: RedisServer = start_redis(redis_dir)
     try:
-        _scenario(tmp_path, monkeypatch, redis, start_worker, prometheus_factory)
+        _scenario(tmp_path, dagster_home, redis, start_worker, prometheus_factory)
     finally:
         if redis.process.poll() is None:
             wait_stopped(redis.process)
 
 
-def _scenario(tmp_path: Path, monkeypatch, redis: RedisServer, start_worker,
+def _scenario(tmp_path: Path, home: Path, redis: RedisServer, start_worker,
               prometheus_factory) -> None:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
+    # Our own Redis, not the session's: the test stops it.
     (home / "dagster.yaml").write_text(yaml.safe_dump({
         "telemetry": {"enabled": False},
         "run_launcher": {"module": "dagster_taskiq.launcher", "class": "TaskiqRunLauncher",
                          "config": {"broker": redis.url(), "default_queue": "dagster"}},
     }))
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
 
     ports = {"main": free_port(), "side": free_port(), "exporter": free_port()}
     start_worker(queues=["dagster"], concurrency=2, name="main", broker=redis.url(),
@@ -173,11 +171,17 @@ def _check(tmp_path: Path, prometheus: Prometheus, redis: RedisServer, side, exp
     started = time.time() - 2
     with DagsterInstance.get() as instance:
         run_id = _launch(instance, "monitored_job")
+        # A run's duration is observed once, as it ends, and a rate needs the series to grow
+        # after it first appears: a second run of the same job, ending a scrape later, does it.
+        for _ in range(2):
+            quick = _launch(instance, "quick_job")
+            assert _finished(instance, quick) == DagsterRunStatus.SUCCESS
+            time.sleep(2)  # the next scrape (1 s interval) sees this run's end alone
         # One step's process dies (os._exit), so the run fails; all others ran.
         assert _finished(instance, run_id) == DagsterRunStatus.FAILURE
-    # The run task's own duration is observed as it ends: wait until Prometheus scraped it.
-    prometheus.wait_for_data("sum(dagster_taskiq_run_duration_seconds_count) > 0", 30,
-                             "the run's duration to be scraped")
+    # The run tasks' durations are observed as they end: wait until Prometheus scraped them.
+    prometheus.wait_for_data("sum(dagster_taskiq_run_duration_seconds_count) >= 3", 30,
+                             "the three runs' durations to be scraped")
     prometheus.wait_for_data('sum(dagster_taskiq_task_outcomes_total{kind="run"}) > 0', 30,
                              "the run's outcome to be scraped")
     ended = time.time()
