@@ -10,6 +10,7 @@ or configuration error; 3 broker unreachable or failing; 4 ``terminate --wait`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -18,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -283,6 +283,11 @@ def worker() -> None:
               show_default=True,
               help="On SIGTERM or `worker terminate`: seconds to let running tasks finish "
               "before handing them back to their queues.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve this worker's Prometheus metrics on this port (/metrics). "
+              "Default: off.")
+@click.option("--metrics-host", default="0.0.0.0", show_default=True,
+              help="With --metrics-port: the address to serve them on.")
 def start(
     name: str | None,
     config_yaml: str | None,
@@ -293,6 +298,8 @@ def start(
     includes: tuple[str, ...],
     loglevel: str,
     shutdown_timeout: float,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     from dagster_taskiq.worker import WorkerOptions
 
@@ -308,6 +315,8 @@ def start(
         includes=[*yaml_includes, *includes],
         shutdown_timeout=shutdown_timeout,
         loglevel=loglevel.upper(),
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     if name:
         options.name = name
@@ -352,6 +361,9 @@ def _start_detached(options: Any, config_yaml: str | None, includes: Sequence[st
         args += ["-q", queue]
     for module in includes:
         args += ["-i", module]
+    if options.metrics_port is not None:
+        args += ["--metrics-port", str(options.metrics_port),
+                 "--metrics-host", options.metrics_host]
     if config_yaml:
         args += ["-y", str(Path(config_yaml).resolve())]
     with open(log, "ab") as out:
@@ -476,75 +488,38 @@ def terminate(name: str | None, all_workers: bool, config_yaml: str | None,
         click.echo(f"Stopped: {len(asked)} worker(s).")
 
 
-async def _queue_status(redis: aioredis.Redis, prefix: str) -> dict[str, Any]:
-    from dagster_taskiq.registry import live_workers, serves
-
-    workers = await live_workers(redis, prefix)
-    kinds = {"queue": "steps", "runs": "runs"}  # key segment -> what waits there
-    queues: dict[str, dict[str, Counter[int]]] = {}
-
-    def entry(queue: str) -> dict[str, Counter[int]]:
-        return queues.setdefault(queue, {"steps": Counter(), "runs": Counter()})
-
-    escaped = re.sub(r"([*?\[\]\\])", r"\\\1", prefix)
-    for segment, kind in kinds.items():
-        async for key in redis.scan_iter(match=f"{escaped}:{segment}:*", _type="zset"):
-            queue = key.decode()[len(f"{prefix}:{segment}:"):]
-            for _, score in await redis.zrange(key, 0, -1, withscores=True):
-                entry(queue)[kind][int(-score)] += 1
-    for w in workers:
-        for queue in w.queues:
-            entry(queue)
-
-    in_flight: dict[str, Counter[str]] = {}
-    leased = [m.decode() for m in await redis.zrange(f"{prefix}:leases", 0, -1)]
-    async with redis.pipeline(transaction=False) as pipe:
-        for task_id in leased:
-            pipe.hget(f"{prefix}:task:{task_id}", "zset")
-        zsets = await pipe.execute()
-    for zset in zsets:
-        if zset is None:
-            continue  # acknowledged between the two reads
-        # "<prefix>:queue:<q>" (a step) or "<prefix>:runs:<q>" (a run)
-        segment, _, queue = zset.decode().removeprefix(f"{prefix}:").partition(":")
-        entry(queue)
-        in_flight.setdefault(queue, Counter())[kinds.get(segment, "steps")] += 1
-
-    return {
-        "queues": [
-            {
-                "queue": queue,
-                "waiting": {
-                    kind: {"total": sum(counts.values()),
-                           "by_priority": {str(p): n for p, n in sorted(counts.items(),
-                                                                         reverse=True)}}
-                    for kind, counts in queues[queue].items()
-                },
-                "in_flight": {"steps": in_flight.get(queue, Counter())["steps"],
-                              "runs": in_flight.get(queue, Counter())["runs"]},
-                "workers": [{"name": w.name, "id": w.id, "heartbeat_age": round(w.age, 3)}
-                            for w in serves(workers, queue)],
-            }
-            for queue in sorted(queues)
-        ],
-        "workers": len(workers),
-    }
-
-
 def _waiting_text(waiting: dict[str, Any]) -> str:
-    if not waiting["total"]:
-        return "0"
-    levels = " ".join(f"p{p}:{n}" for p, n in waiting["by_priority"].items())
-    return f"{waiting['total']} [{levels}]"
+    from dagster_taskiq.queue_state import waiting_text
+
+    return waiting_text({int(p): n for p, n in waiting["by_priority"].items()})
 
 
 @main.command(help="Per queue: waiting steps and runs by priority (pN:count, highest first), "
               "tasks in flight, and the live workers serving it with their last heartbeat.")
 @CONFIG_YAML
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(config_yaml: str | None, as_json: bool) -> None:
+@click.option("--watch", is_flag=True,
+              help="Redraw queues, workers and running tasks every --interval seconds until "
+              "Ctrl-C (exit code 0).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="With --watch: seconds between redraws.")
+def status(config_yaml: str | None, as_json: bool, watch: bool, interval: float) -> None:
+    from dagster_taskiq.queue_state import read_state, status_report
+
     settings = redis_settings(config_yaml)
-    report = with_redis(settings, lambda redis: _queue_status(redis, settings.key_prefix))
+    if watch:
+        if as_json:
+            raise click.UsageError("--watch draws a live view; it does not print JSON.")
+        from dagster_taskiq.watch import watch_status
+
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends: exit 0
+            with_redis(settings, lambda redis: watch_status(redis, settings, interval))
+        return
+
+    async def read(redis: aioredis.Redis) -> dict[str, Any]:
+        return status_report(await read_state(redis, settings.key_prefix))
+
+    report = with_redis(settings, read)
     report["broker"] = mask_url(settings.broker_url)
     if as_json:
         echo_json(report)
@@ -562,6 +537,29 @@ def status(config_yaml: str | None, as_json: bool) -> None:
                      _waiting_text(q["waiting"]["runs"]),
                      flight["steps"] + flight["runs"], workers])
     click.echo(table(["QUEUE", "STEPS WAITING", "RUNS WAITING", "IN FLIGHT", "WORKERS"], rows))
+
+
+@main.command(help="Serve the cluster's Prometheus metrics (queues, in-flight tasks, live "
+              "workers and their slots), read from Redis on each scrape, on "
+              "http://HOST:PORT/metrics until SIGTERM or Ctrl-C. Each worker serves its own "
+              "with `worker start --metrics-port`. See README, Metrics.")
+@CONFIG_YAML
+@click.option("--port", type=click.IntRange(1, 65535), default=9808, show_default=True,
+              help="Port to serve /metrics on.")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to serve on.")
+@click.option("-l", "--loglevel", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def exporter(config_yaml: str | None, port: int, host: str, loglevel: str) -> None:
+    from dagster_taskiq.metrics import run_exporter
+
+    settings = redis_settings(config_yaml)
+    logging.basicConfig(level=loglevel.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        run_exporter(settings, host, port)
+    except OSError as exc:  # the port is taken
+        raise CliError(f"Cannot serve metrics on {host}:{port}: {exc}", EXIT_CONFIG) from None
 
 
 @main.command(help="Run this project's whole stack natively (no Docker): Redis, S3 and its "

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from functools import partial
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import (
@@ -70,6 +70,20 @@ PRIORITY_LABEL = "priority"
 LEASE_LABEL = "lease_seconds"
 REPLY_LABEL = "reply_to"
 
+
+
+class LeaseMetrics(Protocol):
+    """What a consumer tells its worker's metrics (see ``metrics.py``); unset, it tells
+    nothing and pays nothing."""
+
+    def claimed(self, task_id: str, queue: str, kind: str, token: int,
+                waited: float) -> None: ...
+
+    def renewed(self, task_id: str) -> None: ...
+
+    def expired(self, task_id: str) -> None: ...
+
+    def forgotten(self, task_id: str) -> None: ...
 
 
 class RedisBusyError(ResponseError):
@@ -238,6 +252,7 @@ class RedisLeaseBroker(AsyncBroker):
         self.on_lost: Callable[[str], None] | None = None
         self.on_renewed: Callable[[str, float], None] | None = None
         self.on_crash: Callable[[str, BaseException], None] | None = None
+        self.metrics: LeaseMetrics | None = None
         self._redis: aioredis.Redis | None = None
         self._held: dict[str, int] = {}  # task id -> delivery token, for leases we hold
         # task id -> (lease seconds, monotonic time before the last claim/heartbeat that
@@ -375,6 +390,7 @@ class RedisLeaseBroker(AsyncBroker):
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
         queue_keys = [self.queue_key(q, self.kind) for q in self.queues]
         wake_keys = [self._wake_key(q, self.kind) for q in self.queues]
+        queue_names = dict(zip(queue_keys, self.queues, strict=True))
         backoff = Backoff()
         claim_id, asked = uuid.uuid4().hex, 0.0
         while not self._closing:
@@ -409,6 +425,10 @@ class RedisLeaseBroker(AsyncBroker):
             task_id, body, token = claimed[0].decode(), claimed[1], int(claimed[2])
             self._held[task_id] = token
             self._renew(task_id, float(claimed[3]), claim_asked)
+            if self.metrics is not None:
+                zset = claimed[4].decode()
+                self.metrics.claimed(task_id, queue_names.get(zset, zset), self.kind, token,
+                                     int(claimed[5]) / 1000)
             yield AckableMessage(data=body, ack=partial(self._ack, task_id, token))
 
     async def release_held(self) -> list[str]:
@@ -450,11 +470,20 @@ class RedisLeaseBroker(AsyncBroker):
     def _forget(self, task_id: str) -> None:
         self._held.pop(task_id, None)
         self._renewed.pop(task_id, None)
+        if self.metrics is not None:
+            self.metrics.forgotten(task_id)
+
+    def _expired(self, task_id: str) -> None:
+        """We lost the lease of a task we held (fenced, or found it taken)."""
+        if self.metrics is not None and task_id in self._held:
+            self.metrics.expired(task_id)
+        self._forget(task_id)
 
     def give_up_lease(self, task_id: str) -> None:
-        """Stop renewing a task's lease without acknowledging it: once the lease runs out the
-        task goes back to its queue (if it is not another worker's already)."""
-        self._forget(task_id)
+        """Stop renewing a task's lease without acknowledging it (its process stopped itself
+        at its fence): once the lease runs out the task goes back to its queue (if it is not
+        another worker's already)."""
+        self._expired(task_id)
 
     # -- leases -----------------------------------------------------------------------------
     def _renew(self, task_id: str, lease: float, at: float) -> None:
@@ -485,6 +514,8 @@ class RedisLeaseBroker(AsyncBroker):
         for task_id in held.keys() - set(lost):
             if task_id in self._renewed:
                 self._renew(task_id, self._renewed[task_id][0], sent)
+                if self.metrics is not None:
+                    self.metrics.renewed(task_id)
         return lost, [i.decode() for i in cancelled]
 
     def _fence(self) -> None:
@@ -501,7 +532,7 @@ class RedisLeaseBroker(AsyncBroker):
                 continue
             logger.error("Could not renew the lease on task %s for %.1f s (lease %.1f s): "
                          "stopping it; it goes back to its queue.", task_id, now - renewed, lease)
-            self._forget(task_id)
+            self._expired(task_id)
             if self.on_lost is not None:
                 self.on_lost(task_id)
 
@@ -529,7 +560,7 @@ class RedisLeaseBroker(AsyncBroker):
                 logger.error(
                     "Lost the lease on task %s (it was handed to another worker).", task_id
                 )
-                self._forget(task_id)
+                self._expired(task_id)
                 if self.on_lost is not None:
                     self.on_lost(task_id)
             for task_id in cancelled:

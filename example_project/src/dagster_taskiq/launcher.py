@@ -172,7 +172,8 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
             cls=self.__class__,
         )
         labels = {QUEUE_LABEL: queue, PRIORITY_LABEL: priority,
-                  LEASE_LABEL: self.worker_heartbeat_timeout, "run_id": run.run_id}
+                  LEASE_LABEL: self.worker_heartbeat_timeout, "run_id": run.run_id,
+                  "job": run.job_name}  # the job label of the worker's run metrics
         task_id = self.client.send(task_name, [run_args], labels)
         self._instance.add_run_tags(run.run_id, {TASKIQ_TASK_ID_TAG: task_id})
         self._keep_queued_runs_starting()

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from taskiq.acks import AcknowledgeType
 from taskiq.receiver import Receiver
@@ -39,6 +40,9 @@ from dagster_taskiq.config import DEFAULT_QUEUE, BrokerSettings, mask_url
 from dagster_taskiq.registry import WorkerInfo, publish, remove
 from dagster_taskiq.worker.runner import KILL_GRACE_SECONDS, ZygoteFailed, ZygoteRunner
 
+if TYPE_CHECKING:
+    from dagster_taskiq.metrics import WorkerMetrics
+
 logger = logging.getLogger("dagster_taskiq.worker")
 
 
@@ -51,10 +55,12 @@ class WorkerOptions:
     includes: Sequence[str] = ()
     shutdown_timeout: float = 30.0
     loglevel: str = "INFO"
+    metrics_port: int | None = None  # serve Prometheus metrics there (off by default)
+    metrics_host: str = "0.0.0.0"
 
 
-def _consumer(options: WorkerOptions, worker_id: str, kind: str,
-              runner: ZygoteRunner) -> RedisLeaseBroker:
+def _consumer(options: WorkerOptions, worker_id: str, kind: str, runner: ZygoteRunner,
+              metrics: WorkerMetrics | None) -> RedisLeaseBroker:
     broker = make_app(options.settings, queues=options.queues, holder=worker_id, kind=kind)
     assert isinstance(broker, RedisLeaseBroker), "workers need a Redis broker, not eager mode"
     broker.is_worker_process = True
@@ -67,6 +73,9 @@ def _consumer(options: WorkerOptions, worker_id: str, kind: str,
         runner.on_fenced = broker.give_up_lease
     else:
         broker.on_lost = _run_goes_on
+    if metrics is not None:
+        broker.metrics = metrics
+        broker.add_middlewares(metrics.middleware(kind))
     return broker
 
 
@@ -97,11 +106,12 @@ async def run_worker(options: WorkerOptions) -> None:
         finish.set()
         hurry.set()
 
+    metrics, metrics_server = _serve_metrics(options)
     # The code is loaded in the zygote (before anything is consumed: the first task is warm
     # too), meanwhile the broker is reached; this process never imports the user's code.
     runner = ZygoteRunner(options.includes, options.loglevel)
     loading = asyncio.create_task(runner.start())
-    consumers = [_consumer(options, worker_id, kind, runner) for kind in (STEP, RUN)]
+    consumers = [_consumer(options, worker_id, kind, runner, metrics) for kind in (STEP, RUN)]
     try:
         for consumer in consumers:
             consumer.on_crash = on_crash
@@ -109,11 +119,13 @@ async def run_worker(options: WorkerOptions) -> None:
         await loading
     except ZygoteFailed as failed:
         await runner.close()
+        _stop_metrics(metrics, metrics_server)
         raise WorkerCrashed(f"Worker {options.name} could not load its code:\n{failed}") from None
     except BaseException:
         loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
         await runner.close()
+        _stop_metrics(metrics, metrics_server)
         raise
     info = WorkerInfo(worker_id, options.name, host, os.getpid(), list(options.queues),
                       options.concurrency, time.time())
@@ -190,9 +202,33 @@ async def run_worker(options: WorkerOptions) -> None:
         for consumer in consumers:
             await consumer.shutdown()
         await runner.close()
+        _stop_metrics(metrics, metrics_server)
         logger.info("Worker %s stopped.", options.name)
     if crashed:
         raise WorkerCrashed(f"Worker {options.name} stopped because {crashed[0].lower()} died.")
+
+
+def _serve_metrics(options: WorkerOptions) -> tuple[WorkerMetrics | None, Any]:
+    if options.metrics_port is None:
+        return None, None
+    from dagster_taskiq.metrics import WorkerMetrics, serve
+
+    metrics = WorkerMetrics(options.name, options.queues, options.concurrency)
+    try:
+        server = serve(metrics.registry, options.metrics_host, options.metrics_port)
+    except OSError as exc:  # the port is taken: say so before loading anything
+        raise WorkerCrashed(f"Worker {options.name} cannot serve metrics on "
+                            f"{options.metrics_host}:{options.metrics_port}: {exc}") from None
+    logger.info("Serving metrics on http://%s:%d/metrics.", options.metrics_host,
+                options.metrics_port)
+    return metrics, server
+
+
+def _stop_metrics(metrics: WorkerMetrics | None, server: Any) -> None:
+    if metrics is not None:
+        metrics.stopped()
+        server.shutdown()
+        server.server_close()
 
 
 class WorkerCrashed(Exception):

@@ -66,6 +66,7 @@ class _Child:
     pid: int
     label: str
     grace: float
+    kind: str = STEP
     started: float = field(default_factory=time.time)
     released: bool = False
     cancelling: bool = False
@@ -388,7 +389,7 @@ class ZygoteRunner:
     async def _follow(self, task_id: str, label: str, kind: str, generation: _Generation,
                       read_fd: int, pid: int, page: mmap.mmap) -> StepOutcome:
         grace = RUN_KILL_GRACE_SECONDS if kind == RUN else KILL_GRACE_SECONDS
-        child = self._children[task_id] = _Child(pid, label, grace)
+        child = self._children[task_id] = _Child(pid, label, grace, kind)
         logger.info("Task %s: %s (child %d).", task_id, label, pid)
         # Stopped between the zygote's last look and now: deliver it.
         stop = read_stop(page)
@@ -482,7 +483,8 @@ class ZygoteRunner:
 
     def describe(self) -> list[dict[str, object]]:
         return [
-            {"task_id": task_id, "what": child.label, "pid": child.pid, "started": child.started}
+            {"task_id": task_id, "what": child.label, "kind": child.kind, "pid": child.pid,
+             "started": child.started}
             for task_id, child in self._children.items()
         ]
 
