@@ -30,6 +30,11 @@ ALWAYS = [
     "docker/redis.conf",
     "docker/with-secrets",
     "docker/workspace.yaml",
+    "monitoring/alerts.yml",
+    "monitoring/grafana/dashboards/dagster-taskiq.json",
+    "monitoring/grafana/provisioning/dashboards/dagster-taskiq.yml",
+    "monitoring/grafana/provisioning/datasources/prometheus.yml",
+    "monitoring/prometheus.yml",
     "pyproject.toml",
     "src/{pkg}/__init__.py",
     "src/{pkg}/definitions.py",
@@ -71,7 +76,10 @@ def test_expected_files(rendered: Rendered) -> None:
     assert not leftovers
     # Nothing unrendered (dagster.yaml's `{env: X}` is single-braced and fine). The vendored
     # package is copied verbatim, f-strings and all, and checked byte for byte elsewhere.
-    for name in files - {f for f in files if f.startswith("src/dagster_taskiq/")}:
+    # Alert annotations and Grafana legends use their own `{{ }}`, copied verbatim too.
+    verbatim = {f for f in files if f.startswith("src/dagster_taskiq/")} | {
+        "monitoring/alerts.yml", "monitoring/grafana/dashboards/dagster-taskiq.json"}
+    for name in files - verbatim:
         text = (rendered.path / name).read_text()
         assert not re.search(r"\{\{|\{%|\{#", text), f"unrendered Jinja in {name}"
 

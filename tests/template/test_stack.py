@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from scripts.render_example import EXAMPLE, REPO
 from tests.template.conftest import Rendered, assert_ok, compose_binary, run, tool
@@ -44,10 +45,11 @@ def test_compose_config_is_valid(rendered: Rendered) -> None:
         assert re.search(r"set S3_(ACCESS_KEY_ID|SECRET_ACCESS_KEY) in \.env", result.stderr)
         fill_external_env(rendered)
     assert_ok(run([compose_binary(), "config", "-q"], rendered.path), "docker-compose config -q")
-    assert_ok(
-        run([compose_binary(), "--profile", "dashboard", "config", "-q"], rendered.path),
-        "docker-compose --profile dashboard config -q",
-    )
+    for profile in ("dashboard", "monitoring"):
+        assert_ok(
+            run([compose_binary(), "--profile", profile, "config", "-q"], rendered.path),
+            f"docker-compose --profile {profile} config -q",
+        )
 
 
 def test_compose_matches_the_spec_schema(rendered: Rendered) -> None:
@@ -139,6 +141,56 @@ def test_compose_services(rendered: Rendered) -> None:
         assert services["s3"]["image"].startswith("quay.io/minio/minio:RELEASE.")
 
 
+def test_monitoring_profile(rendered: Rendered) -> None:
+    """Prometheus scrapes every worker replica (Docker DNS on the service names) and the
+    exporter; Grafana gets the shipped datasource and dashboard; both on 127.0.0.1 only."""
+    if rendered.answers["s3_backend"] == "external":
+        fill_external_env(rendered)
+    services: dict[str, Any] = compose_model(rendered.path, "--profile", "monitoring")["services"]
+    monitoring = {"exporter", "prometheus", "grafana"}
+    assert monitoring <= set(services)
+    for name in monitoring:
+        assert services[name]["profiles"] == ["monitoring"], name
+    assert monitoring.isdisjoint(compose_model(rendered.path)["services"]), "off by default"
+
+    config = yaml.safe_load((rendered.path / "monitoring" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    [discovery] = jobs["dagster-taskiq-workers"]["dns_sd_configs"]
+    assert sorted(discovery["names"]) == sorted(f"worker-{q}" for q in rendered.queues)
+    assert discovery["type"] == "A"
+    for queue in rendered.queues:
+        worker = services[f"worker-{queue}"]
+        command = worker["command"]
+        assert command[command.index("--metrics-port") + 1] == str(discovery["port"])
+        # Inside the compose network only, so --scale can start any number of replicas.
+        assert "ports" not in worker and worker["expose"] == [str(discovery["port"])]
+    exporter = services["exporter"]
+    assert exporter["command"][:2] == ["dagster-taskiq", "exporter"]
+    port = exporter["command"][exporter["command"].index("--port") + 1]
+    [static] = jobs["dagster-taskiq-exporter"]["static_configs"]
+    assert static["targets"] == [f"exporter:{port}"]
+    assert "ports" not in exporter
+
+    for name, target in (("prometheus", 9090), ("grafana", 3000)):
+        [published] = services[name]["ports"]
+        assert (published["host_ip"], published["target"]) == ("127.0.0.1", target), name
+        assert services[name]["healthcheck"]["test"], name
+    mounts = {v["target"]: Path(v["source"]) for name in ("prometheus", "grafana")
+              for v in services[name]["volumes"] if v["type"] == "bind"}
+    assert mounts["/etc/prometheus/prometheus.yml"].is_file()
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert mounts["/etc/prometheus/alerts.yml"].is_file()
+    provisioning = mounts["/etc/grafana/provisioning"]
+    provider = yaml.safe_load((provisioning / "dashboards" / "dagster-taskiq.yml").read_text())
+    dashboards = mounts[provider["providers"][0]["options"]["path"]]
+    assert (dashboards / "dagster-taskiq.json").is_file()
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['providers'][0]['options']['path']}/dagster-taskiq.json"
+    assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
 def test_images_are_pinned(rendered: Rendered) -> None:
     compose = (rendered.path / "compose.yaml").read_text()
     dockerfile = (rendered.path / "Dockerfile").read_text()
@@ -167,7 +219,8 @@ def test_dockerfile_passes_hadolint(rendered: Rendered) -> None:
     assert f"ARG PYTHON_VERSION={rendered.answers['python_version']}" in dockerfile
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "dashboard"]])
+@pytest.mark.parametrize(
+    "profile", [[], ["--profile", "dashboard"], ["--profile", "monitoring"]])
 def test_dev_stack_runs_example_project_on_the_working_copy(profile: list[str]) -> None:
     """compose/dev.yaml overlays example_project's stack with this checkout's dagster_taskiq."""
     env_file = EXAMPLE / ".env"
