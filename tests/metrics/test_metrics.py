@@ -259,16 +259,16 @@ def test_worker_metrics_exporter_and_watch_during_real_jobs(
                  kind="run") == 1
     count = "dagster_taskiq_step_duration_seconds_count"
     assert total(samples, count) == steps
-    assert value(samples, count, queue="dagster", job="low_job") == 1
-    assert value(samples, count, queue="dagster", job="test_serial_job") == 2
-    assert value(samples, count, queue="dagster", job="test_fails") == 1
+    assert value(samples, count, queue="dagster", dagster_job="low_job") == 1
+    assert value(samples, count, queue="dagster", dagster_job="test_serial_job") == 2
+    assert value(samples, count, queue="dagster", dagster_job="test_fails") == 1
     assert value(samples, "dagster_taskiq_step_duration_seconds_sum", queue="dagster",
-                 job="low_job") >= 3.0  # it slept 3 s
+                 dagster_job="low_job") >= 3.0  # it slept 3 s
     assert value(samples, "dagster_taskiq_run_duration_seconds_count", queue="dagster",
-                 job="broken_job") == 1
+                 dagster_job="broken_job") == 1
     assert total(samples, "dagster_taskiq_queue_wait_seconds_count") == steps + 1
     assert value(samples, "dagster_taskiq_queue_wait_seconds_count", queue="dagster",
-                 job="broken_job") == 1
+                 dagster_job="broken_job") == 1
     outcomes = "dagster_taskiq_task_outcomes_total"
     assert value(samples, outcomes, queue="dagster", kind="step", outcome="success") == 3
     assert value(samples, outcomes, queue="dagster", kind="step", outcome="failure") == 1
@@ -281,7 +281,7 @@ def test_worker_metrics_exporter_and_watch_during_real_jobs(
         assert value(samples, "dagster_taskiq_worker_busy", worker="metered", kind=kind) == 0
     # Never a run id, task id or step key as a label.
     labels = {label for _, ls in samples for label, _ in ls}
-    assert labels <= {"queue", "kind", "priority", "job", "worker", "outcome", "le"}, labels
+    assert labels <= {"queue", "kind", "priority", "dagster_job", "worker", "outcome", "le"}, labels
 
 
 def _running_child(server: redis.Redis) -> int | None:

@@ -84,13 +84,14 @@ class WorkerMetrics:
         self.lost_steps = Counter(name("lost_steps"), "Steps whose process died before "
                                   "reporting (reported crashed).", ["queue"], registry=r)
         self.step_duration = Histogram(name("step_duration_seconds"), "A step task's run time "
-                                       "on the worker.", ["queue", "job"],
+                                       "on the worker.", ["queue", "dagster_job"],
                                        buckets=DURATION_BUCKETS, registry=r)
         self.run_duration = Histogram(name("run_duration_seconds"), "A run task's "
                                       "(orchestrator's) run time on the worker.",
-                                      ["queue", "job"], buckets=DURATION_BUCKETS, registry=r)
+                                      ["queue", "dagster_job"], buckets=DURATION_BUCKETS,
+                                      registry=r)
         self.queue_wait = Histogram(name("queue_wait_seconds"), "From a task's submission to "
-                                    "its claim by this worker.", ["queue", "job"],
+                                    "its claim by this worker.", ["queue", "dagster_job"],
                                     buckets=WAIT_BUCKETS, registry=r)
         self.outcomes = Counter(name("task_outcomes"), "Tasks ended, by outcome.",
                                 ["queue", "kind", "outcome"], registry=r)
