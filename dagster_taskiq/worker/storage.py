@@ -1,23 +1,28 @@
-"""One SQLAlchemy engine per sqlite database for the zygote and every task forked from it.
+"""Cheaper event writes for the zygote and the tasks forked from it.
 
-Dagster's sqlite run and event-log storages create a new engine for every connection: each
-event a step writes pays for building an engine and compiling its INSERT again (~4 of the ~5 ms
-an event costs; a trivial step writes about a dozen). Here each database gets one engine, made in
-the zygote, with ``NullPool`` as Dagster's: no connection is ever kept, so none crosses a fork,
-while the engine's compiled-statement cache does, warm, into every child. Each event is still
-its own committed transaction: the UI sees a step's events as they happen.
+Dagster's storages open a connection for every event a step writes (a trivial step writes about
+a dozen). Its sqlite storages also build a new SQLAlchemy engine for each one, compiling the
+INSERT again (~4 of the ~5 ms an event costs); its PostgreSQL storage makes a new server
+connection each time. Here:
 
-Only Dagster's own sqlite storages are touched, and only when they look as this was written
-for; anything else (PostgreSQL, a custom storage, another Dagster) is left as it is.
+- each sqlite database gets one engine, made in the zygote, with ``NullPool`` as Dagster's: no
+  connection is kept, so none crosses a fork, while the engine's compiled statements reach
+  every child warm;
+- a forked task holds one connection per database (sqlite file, or the PostgreSQL event log)
+  from its first event until its reply is sent (:func:`release_connections`); opening one, and
+  for sqlite closing the last one of a WAL database (a checkpoint), cost more than the write.
+
+Each event is still its own committed write, so the UI sees a step's events as they happen, and
+the zygote itself never holds a connection. Only Dagster's own sqlite and PostgreSQL storages
+are touched, when they have the attributes used here; any other storage is left as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,70 +32,8 @@ from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
-logger = logging.getLogger("dagster_taskiq.worker")
-
 MAX_ENGINES = 256  # one per run's event-log database; the oldest go
 BUSY_TIMEOUT_SECONDS = 30  # Dagster's own wait on a locked sqlite database
-
-
-class _Databases:
-    """An engine per database URL, and in a forked task one connection per database, held
-    between its transactions (opening one, and closing the last one of a WAL database, which
-    checkpoints it, cost more than the write itself)."""
-
-    def __init__(self) -> None:
-        self._engines: OrderedDict[str, Engine] = OrderedDict()
-        self._zygote = os.getpid()
-        self._held: dict[str, Connection] = {}
-        self._held_by = self._zygote
-
-    def _engine(self, url: str) -> Engine:
-        engine = self._engines.get(url)
-        if engine is None:
-            engine = sqlalchemy.create_engine(
-                url, poolclass=NullPool, connect_args={"timeout": BUSY_TIMEOUT_SECONDS})
-            self._engines[url] = engine
-            if len(self._engines) > MAX_ENGINES:
-                self._engines.popitem(last=False)[1].dispose()
-        self._engines.move_to_end(url)
-        return engine
-
-    @contextmanager
-    def transaction(self, url: str, hold: bool = True) -> Iterator[Connection]:
-        engine = self._engine(url)
-        if not hold or os.getpid() == self._zygote:  # nothing open may cross a fork
-            with engine.connect() as conn, conn.begin():
-                yield conn
-            return
-        if self._held_by != os.getpid():  # a process forked by the task: its own connections
-            self._held, self._held_by = {}, os.getpid()
-        conn = self._held.get(url)
-        if conn is None or conn.closed or conn.invalidated:
-            conn = self._held[url] = engine.connect()
-        try:
-            with conn.begin():
-                yield conn
-        except BaseException:
-            self._held.pop(url, None)
-            with contextlib.suppress(Exception):
-                conn.close()
-            raise
-
-    def release(self) -> None:
-        """Close what this process holds (a task ends)."""
-        held, self._held = self._held, {}
-        if self._held_by == os.getpid():
-            for conn in held.values():
-                with contextlib.suppress(Exception):
-                    conn.close()
-
-
-_DATABASES = _Databases()
-
-
-def release_connections() -> None:
-    _DATABASES.release()
-
 
 # Statuses after which Dagster's own step entry point no longer runs a step of the run.
 ENDED_RUN_STATUSES = (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
@@ -102,9 +45,76 @@ _ENDED_SQL = sqlalchemy.text(
     + ", ".join(f"'{status.value}'" for status in ENDED_RUN_STATUSES) + ") LIMIT 1")
 
 
+class _Connections:
+    """sqlite engines by URL, and the connections a forked task holds."""
+
+    def __init__(self) -> None:
+        self._engines: OrderedDict[str, Engine] = OrderedDict()
+        self._zygote = os.getpid()  # this module is imported by the zygote
+        self._held: dict[str, Connection] = {}
+        self._held_by = self._zygote
+        self._busy: set[str] = set()  # keys whose connection is in use now
+
+    def engine(self, url: str) -> Engine:
+        engine = self._engines.get(url)
+        if engine is None:
+            engine = sqlalchemy.create_engine(
+                url, poolclass=NullPool, connect_args={"timeout": BUSY_TIMEOUT_SECONDS})
+            self._engines[url] = engine
+            if len(self._engines) > MAX_ENGINES:
+                self._engines.popitem(last=False)[1].dispose()
+        self._engines.move_to_end(url)
+        return engine
+
+    @property
+    def may_hold(self) -> bool:
+        """Not in the zygote: nothing open may cross a fork."""
+        return os.getpid() != self._zygote
+
+    @contextmanager
+    def held(self, key: str, connect: Callable[[], Connection]) -> Iterator[Connection]:
+        """This process's connection for ``key`` (made by ``connect`` the first time); one that
+        failed mid-use is closed, and the next use makes another. A use nested in another
+        (Dagster's PostgreSQL storage opens its index connection while the run's is open) gets
+        a connection of its own, as Dagster would give it."""
+        if self._held_by != os.getpid():  # a process the task forked: connections of its own
+            self._held, self._held_by, self._busy = {}, os.getpid(), set()
+        if key in self._busy:
+            with connect() as conn:
+                yield conn
+            return
+        conn = self._held.get(key)
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self._held[key] = connect()
+        self._busy.add(key)
+        try:
+            yield conn
+        except BaseException:
+            self._held.pop(key, None)
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+        finally:
+            self._busy.discard(key)
+
+    def release(self) -> None:
+        held, self._held = self._held, {}
+        if self._held_by == os.getpid():
+            for conn in held.values():
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+
+_CONNECTIONS = _Connections()
+
+
+def release_connections() -> None:
+    """Close what this process holds (a task has sent its reply)."""
+    _CONNECTIONS.release()
+
+
 def _sqlite_storages(instance: DagsterInstance) -> tuple[Any, Any] | None:
-    """The instance's event-log and run storages when both are Dagster's sqlite ones, with the
-    attributes used here."""
+    """The instance's event-log and run storages when both are Dagster's sqlite ones."""
     from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
     from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 
@@ -117,39 +127,89 @@ def _sqlite_storages(instance: DagsterInstance) -> tuple[Any, Any] | None:
     return None
 
 
+def _postgres_event_log(instance: DagsterInstance) -> Any | None:
+    try:
+        from dagster_postgres.event_log.event_log import PostgresEventLogStorage
+    except ImportError:
+        return None
+    events = instance.event_log_storage
+    if type(events) is PostgresEventLogStorage and isinstance(getattr(events, "_engine", None),
+                                                               Engine):
+        return events
+    return None
+
+
 def run_has_ended(instance: DagsterInstance, run_id: str) -> bool:
     """Whether the run is finished or canceling (asked of the storage, now)."""
     storages = _sqlite_storages(instance)
     if storages is not None:
-        with _DATABASES.transaction(storages[1]._conn_string, hold=False) as conn:
+        with _CONNECTIONS.engine(storages[1]._conn_string).connect() as conn:
             return conn.execute(_ENDED_SQL, {"run_id": run_id}).first() is not None
     return bool(instance.get_run_ids(
         RunsFilter(run_ids=[run_id], statuses=list(ENDED_RUN_STATUSES)), limit=1))
 
 
-def share_engines(instance: DagsterInstance) -> bool:
-    """Give ``instance``'s sqlite run and event-log storages one engine per database; returns
-    whether it did."""
+def share_connections(instance: DagsterInstance) -> str | None:
+    """Make ``instance``'s event writes cheaper as described above; returns which storage it
+    did that for (``"sqlite"``, ``"postgres"``), or None."""
     storages = _sqlite_storages(instance)
-    if storages is None:
-        return False
-    events, runs = storages
+    if storages is not None:
+        _share_sqlite(*storages)
+        return "sqlite"
+    events = _postgres_event_log(instance)
+    if events is not None:
+        _share_postgres(events)
+        return "postgres"
+    return None
+
+
+def _share_sqlite(events: Any, runs: Any) -> None:
     @contextmanager
     def event_connection(shard: str) -> Iterator[Connection]:
-        # As Dagster's _connect, with the engine kept.
+        # Dagster's _connect, with the engine kept (and, in a task, the connection).
         with events._db_lock:
             url = events.conn_string_for_shard(shard)
+            engine = _CONNECTIONS.engine(url)
             if shard not in events._initialized_dbs:
-                events._initdb(_DATABASES._engine(url))
+                events._initdb(engine)
                 events._initialized_dbs.add(shard)
-            with _DATABASES.transaction(url) as conn:
+            if not _CONNECTIONS.may_hold:
+                with engine.connect() as conn, conn.begin():
+                    yield conn
+                return
+            with _CONNECTIONS.held(url, engine.connect) as conn, conn.begin():
                 yield conn
 
     @contextmanager
     def run_connection() -> Iterator[Connection]:
-        with _DATABASES.transaction(runs._conn_string, hold=False) as conn:
+        with _CONNECTIONS.engine(runs._conn_string).connect() as conn, conn.begin():
             yield conn
 
     events._connect = event_connection
     runs.connect = run_connection
-    return True
+
+
+def _share_postgres(events: Any) -> None:
+    from dagster_postgres.utils import retry_pg_connection_fn
+
+    original = events._connect
+    engine: Engine = events._engine
+    key = f"postgres:{id(events)}"
+
+    @contextmanager
+    def event_connection() -> Iterator[Connection]:
+        if not _CONNECTIONS.may_hold:
+            with original() as conn:
+                yield conn
+            return
+        with _CONNECTIONS.held(key, lambda: retry_pg_connection_fn(engine.connect)) as conn:
+            yield conn
+            # Leave it as Dagster's fresh connections are: autocommit, no transaction begun
+            # (SQLAlchemy begins one on first use even in autocommit, and a later begin()
+            # would refuse it). Rolling back is what closing it would do.
+            if conn.in_transaction():
+                conn.rollback()
+            if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    events._connect = event_connection

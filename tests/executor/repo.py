@@ -315,3 +315,22 @@ def chatty() -> int:
 @job(executor_def=taskiq_executor)
 def chatty_job():
     chatty()
+
+
+@op(config_schema={"marker": str})
+def materialize_then_wait(context) -> int:
+    """Records an asset (Dagster's asset index), then waits while its marker file exists."""
+    from dagster import AssetMaterialization
+
+    context.log_event(AssetMaterialization(asset_key="live_asset"))
+    marker = context.op_config["marker"]
+    open(marker, "w").close()
+    deadline = time.monotonic() + 30
+    while os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return 1
+
+
+@job(executor_def=taskiq_executor)
+def live_events_job():
+    add_one(materialize_then_wait())

@@ -32,7 +32,7 @@ from dagster._serdes import deserialize_value, serialize_value
 from dagster_taskiq.event_log import QUEUE_WAIT_MARKER, TASK_ID_METADATA
 from dagster_taskiq.worker.code import StaleCode, code_version
 from dagster_taskiq.worker.outcome import StepOutcome, error_outcome
-from dagster_taskiq.worker.storage import run_has_ended, share_engines
+from dagster_taskiq.worker.storage import run_has_ended, share_connections
 
 # Modules Dagster imports lazily while executing a step or a run: imported once in the zygote,
 # so that forked tasks do not each pay for it.
@@ -62,7 +62,7 @@ class _Loaded:
             # Storages and the compute log manager are built lazily: build them here, once,
             # rather than in every forked task.
             _ = instance.run_storage, instance.event_log_storage, instance.compute_log_manager
-            share_engines(instance)
+            share_connections(instance)
             self.instances[key] = instance
             if len(self.instances) > self.size:
                 self.instances.popitem(last=False)[1].dispose()
