@@ -32,7 +32,6 @@ from dagster_taskiq.broker import (
     QUEUE_LABEL,
     REPLY_LABEL,
     RUN,
-    SCRIPTS,
     RedisLeaseBroker,
 )
 from dagster_taskiq.config import TASK_EXECUTE_JOB, BrokerSettings
@@ -43,19 +42,16 @@ from tests.conftest import free_port, wait_for
 SEGMENTS = {"task", "queue", "runs", "wake", "wakeruns", "seq", "leases", "claim", "reply",
             "result", "workers", "worker"}
 
-Adopt = Callable[[RedisLeaseBroker | RedisReplyBackend], None]
-
-
 def message(task_id: str, queue: str, reply_to: str, lease: float = 30.0,
             task_name: str = "record") -> BrokerMessage:
     labels = {QUEUE_LABEL: queue, PRIORITY_LABEL: 0, LEASE_LABEL: lease, REPLY_LABEL: reply_to}
     return BrokerMessage(task_id=task_id, task_name=task_name, message=b"{}", labels=labels)
 
 
-async def exercise(settings: BrokerSettings, keys: Callable[[], Awaitable[list[bytes]]],
-                   adopt: Adopt | None = None) -> set[bytes]:
+async def exercise(settings: BrokerSettings,
+                   keys: Callable[[], Awaitable[list[bytes]]]) -> set[bytes]:
     """Run every script, the results and the registry once; returns every key seen in Redis
-    after each step. ``adopt`` hands a broker or backend another client (a cluster's)."""
+    after each step."""
     prefix = settings.key_prefix
     reply_to = f"{prefix}:reply:run-1:{uuid.uuid4().hex}"  # as the orchestrator names it
     client = RedisLeaseBroker(settings)
@@ -65,8 +61,6 @@ async def exercise(settings: BrokerSettings, keys: Callable[[], Awaitable[list[b
                             kind=RUN)
     backend = RedisReplyBackend(settings)
     parts = (client, steps, runs, backend)
-    for part in parts if adopt else ():
-        adopt(part)
     seen: set[bytes] = set()
 
     async def snapshot() -> None:
@@ -227,38 +221,25 @@ def _cluster_ok(port: int) -> bool:
         return client.cluster("info").get("cluster_state") == "ok"
 
 
-def _cluster_client(ports: list[int]) -> RedisCluster:
-    return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in ports],
-                        socket_timeout=5)
-
-
-def _adopter(cluster: RedisCluster) -> Adopt:
-    """Point a broker (and its scripts) or backend at the cluster. The broker does not take
-    cluster URLs yet, so the test hands it the client; everything else is the broker's code."""
-
-    def adopt(part: RedisLeaseBroker | RedisReplyBackend) -> None:
-        part._redis = cluster  # type: ignore[assignment]
-        if isinstance(part, RedisLeaseBroker):
-            part._scripts = {name: cluster.register_script(source)
-                             for name, source in SCRIPTS.items()}
-
-    return adopt
+def cluster_url(ports: list[int]) -> str:
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
 
 
 def test_every_script_runs_on_a_real_cluster(cluster_ports: list[int]) -> None:
-    settings = BrokerSettings.from_config("redis://127.0.0.1:1/0")  # the URL goes unused
+    """The broker, results and registry on a cluster URL (``redis_client`` makes their
+    RedisCluster clients); each part's own client runs its commands."""
+    settings = BrokerSettings.from_config(cluster_url(cluster_ports))
     seen: set[bytes] = set()
 
     async def main() -> None:
-        cluster = _cluster_client(cluster_ports)
+        cluster = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in cluster_ports])
         try:
             await cluster.flushall(target_nodes=RedisCluster.PRIMARIES)
 
             async def keys() -> list[bytes]:
                 return await cluster.keys("*", target_nodes=RedisCluster.PRIMARIES)
 
-            # The parts share the client; shutdown closing it more than once is harmless.
-            seen.update(await exercise(settings, keys, _adopter(cluster)))
+            seen.update(await exercise(settings, keys))
         finally:
             await cluster.aclose()
 
@@ -269,18 +250,15 @@ def test_every_script_runs_on_a_real_cluster(cluster_ports: list[int]) -> None:
 def test_a_prefix_without_a_hash_tag_would_fail_on_a_cluster(cluster_ports: list[int]) -> None:
     """The control: the same submit with a tagless prefix (forced past the settings, which
     would wrap it) spans slots, and the cluster refuses it."""
-    settings = BrokerSettings.from_config("redis://127.0.0.1:1/0")
+    settings = BrokerSettings.from_config(cluster_url(cluster_ports))
     object.__setattr__(settings, "key_prefix", "dagster-taskiq")
 
     async def main() -> None:
-        cluster = _cluster_client(cluster_ports)
         broker = RedisLeaseBroker(settings)
-        _adopter(cluster)(broker)
         try:
             with pytest.raises((RedisClusterException, ResponseError)):
                 await broker.kick(message("x", "dagster", "dagster-taskiq:replies"))
         finally:
-            await cluster.aclose()
+            await broker.shutdown()
 
     asyncio.run(main())
-
