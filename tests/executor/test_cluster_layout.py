@@ -10,12 +10,9 @@ spanned slots would fail (CROSSSLOT, or a key that is not local to the node).
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis
@@ -36,7 +33,7 @@ from dagster_taskiq.broker import (
 )
 from dagster_taskiq.config import TASK_EXECUTE_JOB, BrokerSettings
 from dagster_taskiq.results import RedisReplyBackend
-from tests.conftest import free_port, wait_for
+from tests.conftest import RedisCluster as RedisClusterServers
 
 # Every kind of key the workload must have made (so an assertion over "all keys" is not empty).
 SEGMENTS = {"task", "queue", "runs", "wake", "wakeruns", "seq", "leases", "claim", "reply",
@@ -164,61 +161,10 @@ def test_a_reply_list_outside_the_prefix_is_refused(broker_url: str) -> None:
 # -- a real Redis Cluster -----------------------------------------------------------------
 
 
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
-
-@pytest.fixture(scope="module")
-def cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
-    """Three primaries, no replicas, on free ports; every process stopped by its own handle."""
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.skip("redis-server and redis-cli are needed for a cluster")
-    ports = [free_port() for _ in range(3)]
-    # The bus port defaults to port + 10000, which a high free port would push past 65535.
-    bus_ports = [free_port() for _ in range(3)]
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        for port, bus_port in zip(ports, bus_ports, strict=True):
-            directory: Path = tmp_path_factory.mktemp(f"cluster-{port}")
-            with open(directory / "redis.log", "wb") as log:
-                processes.append(subprocess.Popen(
-                    ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                     "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
-                     "--cluster-config-file", "nodes.conf",
-                     "--dir", str(directory), "--save", "", "--appendonly", "no"],
-                    stdout=log, stderr=subprocess.STDOUT))
-        for port in ports:
-            wait_for(lambda port=port: _answers(port), 10, f"cluster node on {port}")
-        subprocess.run(["redis-cli", "--cluster", "create",
-                        *(f"127.0.0.1:{p}" for p in ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        for port in ports:
-            wait_for(lambda port=port: _cluster_ok(port), 30, f"cluster state ok on {port}",
-                     interval=0.2)
-        yield ports
-    finally:
-        _stop(processes)
-
-
-def _answers(port: int) -> bool:
-    try:
-        with redis.Redis(port=port, socket_timeout=1) as client:
-            return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-def _cluster_ok(port: int) -> bool:
-    with redis.Redis(port=port, socket_timeout=1) as client:
-        return client.cluster("info").get("cluster_state") == "ok"
+@pytest.fixture
+def cluster_ports(redis_cluster: RedisClusterServers) -> list[int]:
+    redis_cluster.flushall()
+    return redis_cluster.ports
 
 
 def cluster_url(ports: list[int]) -> str:
