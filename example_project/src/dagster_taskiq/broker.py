@@ -39,6 +39,8 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
@@ -60,6 +62,7 @@ from dagster_taskiq.config import (
     TASK_RESUME_JOB,
     BrokerSettings,
     mask_url,
+    parse_redis_url,
 )
 
 logger = logging.getLogger("dagster_taskiq.broker")
@@ -143,17 +146,50 @@ def script_source(name: str) -> str:
 SCRIPTS: dict[str, str] = {name: script_source(name) for name in SCRIPT_NAMES}
 
 
+class _SentinelRedis(aioredis.Redis):
+    """The primary's client that a Sentinel URL gives: closing it closes the Sentinel clients
+    that find the primary too (redis-py leaves those to the caller)."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        await self.connection_pool.sentinel_manager.aclose()
+
+
 def redis_client(url: str, settings: BrokerSettings) -> aioredis.Redis:
-    """An asyncio Redis client with explicit timeouts (redis-py 8's defaults break blocking
-    reads) and keepalive, so a dead server is noticed instead of waited on forever."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=settings.socket_timeout,
-        socket_connect_timeout=settings.socket_connect_timeout,
-        socket_keepalive=True,
-        health_check_interval=30,
-        max_connections=settings.max_connections,
+    """The one place Redis clients are made: an asyncio client for any broker URL form (see
+    ``config.URL_FORMS``) with explicit timeouts (redis-py 8's defaults break blocking reads)
+    and keepalive, so a dead server is noticed instead of waited on forever.
+
+    A Sentinel URL gives a client of the primary the Sentinels elect: each new connection asks
+    them where it is, so after a failover the reconnects (our REDIS_ERRORS retries) reach the
+    new primary, and a connection to a demoted one fails with READONLY and is dropped. A
+    Cluster URL gives a ``RedisCluster`` (the same commands; every key of ours is in one slot).
+    """
+    target = parse_redis_url(url)
+    options: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.socket_connect_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "max_connections": settings.max_connections,
+    }
+    if target.kind == "server":
+        return aioredis.Redis.from_url(url, **options)
+    credentials = {"username": target.username, "password": target.password, "ssl": target.tls}
+    if target.kind == "cluster":
+        cluster = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in
+                                              target.nodes], **credentials, **options)
+        return cluster  # type: ignore[return-value] # the commands we use are the same
+    sentinel = Sentinel(
+        target.nodes,
+        sentinel_kwargs={"socket_timeout": settings.socket_timeout,
+                         "socket_connect_timeout": settings.socket_connect_timeout,
+                         "socket_keepalive": True, "ssl": target.tls,
+                         "username": target.sentinel_username,
+                         "password": target.sentinel_password},
     )
+    return sentinel.master_for(target.service, redis_class=_SentinelRedis, db=target.db,
+                               **credentials, **options)
 
 
 async def stop_loop(task: asyncio.Task[Any], timeout: float = 5.0) -> None:
