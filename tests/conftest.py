@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -172,6 +173,17 @@ def redis_cluster(tmp_path_factory) -> Iterator[RedisCluster]:
     stop_processes(cluster.processes)
 
 
+class _WholeCluster(redis.RedisCluster):
+    """A cluster client whose KEYS and FLUSHDB cover every primary, as on one server (redis-py
+    sends them to one node by default), so tests read a cluster as they read a server."""
+
+    def keys(self, pattern: str = "*", **kwargs: Any) -> Any:
+        return super().keys(pattern, target_nodes=self.PRIMARIES, **kwargs)
+
+    def flushdb(self, asynchronous: bool = False, **kwargs: Any) -> Any:
+        return super().flushdb(asynchronous, target_nodes=self.PRIMARIES, **kwargs)
+
+
 def sync_redis(url: str) -> redis.Redis:
     """A synchronous client for a test's broker URL: a RedisCluster for a cluster URL."""
     from dagster_taskiq.config import parse_redis_url
@@ -180,9 +192,26 @@ def sync_redis(url: str) -> redis.Redis:
     if target.kind == "cluster":
         from redis.cluster import ClusterNode
 
-        return redis.RedisCluster(  # type: ignore[return-value]
+        return _WholeCluster(  # type: ignore[return-value]
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes])
     return redis.Redis.from_url(url)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "single_server: needs one redis-server's admin commands "
+                            "(REPLICAOF, DEBUG, ...): skipped when the broker is a cluster")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a cluster broker, run only the tests whose broker it is: the rest (their own servers,
+    or none) would only repeat the single-server run."""
+    if os.environ.get(TEST_BROKER_ENV) != "cluster":
+        return
+    for item in items:
+        if "broker_url" not in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.skip(reason="does not use the test broker"))
+        elif item.get_closest_marker("single_server"):
+            item.add_marker(pytest.mark.skip(reason="needs a single redis-server"))
 
 
 @pytest.fixture

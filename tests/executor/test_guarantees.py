@@ -117,6 +117,7 @@ print([w.name for w in await live_workers(broker.redis, broker.settings.key_pref
     assert listed.strip() == "['behind']"
 
 
+@pytest.mark.single_server
 def test_a_read_only_window_shorter_than_the_lease_runs_nothing_twice(client, consumers,  # noqa: F811
                                                                        broker_url):
     """Redis demoted to a replica (as in a failover) answers READONLY to every write for a
