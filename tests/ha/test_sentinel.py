@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster_taskiq.broker import REDIS_ERRORS, redis_client
 from dagster_taskiq.config import BrokerSettings
 from tests.conftest import ARTIFACTS, wait_for
+from tests.executor.conftest import CLI, worker_env
 from tests.ha.conftest import SentinelSetup
 from tests.ha.ha_repo import STEPS
 
@@ -128,6 +130,12 @@ def test_killing_the_primary_mid_run_finishes_the_run_once(
     _assert_never_twice_at_once(records)
     starts = [r for r in records if r["event"] == "start"]
     assert sorted(r["step"] for r in starts) == sorted(STEPS), "a step ran more than once"
+
+    # The workers' registry followed too, and the CLI reads it through the Sentinels.
+    listed = subprocess.run([CLI, "worker", "list", "--json"], env=worker_env(url),
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(w["name"] for w in json.loads(listed.stdout)) == ["ha0", "ha1"]
 
     # A slot freed after the kill waits for the new primary to get its next step.
     after = sorted(r["at"] for r in starts if r["at"] > killed_at)
