@@ -347,14 +347,27 @@ def start_redis(stack: Stack, work: Path, env: dict[str, str]) -> str:
     return f"redis://:{password}@127.0.0.1:{port}/0"
 
 
-def redis_answers(url: str) -> bool:
-    import redis
+def _quick_client(url: str) -> Any:
+    """A client of any broker URL form with short timeouts, for readiness checks."""
+    from dagster_taskiq.broker import redis_client
+    from dagster_taskiq.config import BrokerSettings
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        return bool(client.ping())
-    finally:
-        client.close()
+    settings = BrokerSettings(broker_url=url, backend_url=url, socket_timeout=2.0,
+                              socket_connect_timeout=2.0, max_connections=2)
+    return redis_client(url, settings)
+
+
+def redis_answers(url: str) -> bool:
+    import asyncio
+
+    async def ping() -> bool:
+        client = _quick_client(url)
+        try:
+            return bool(await client.ping())
+        finally:
+            await client.aclose()
+
+    return asyncio.run(ping())
 
 
 # -- S3 ---------------------------------------------------------------------------------------
@@ -486,13 +499,11 @@ def daemons_healthy(url: str) -> bool:
 def workers_registered(broker_url: str, names: list[str]) -> bool:
     import asyncio
 
-    import redis.asyncio as aioredis
-
     from dagster_taskiq.config import DEFAULT_KEY_PREFIX
     from dagster_taskiq.registry import live_workers
 
     async def names_live() -> set[str]:
-        client = aioredis.Redis.from_url(broker_url, socket_connect_timeout=2)
+        client = _quick_client(broker_url)
         try:
             return {w.name for w in await live_workers(client, DEFAULT_KEY_PREFIX)}
         finally:

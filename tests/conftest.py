@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -86,9 +87,142 @@ def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
     server.process.wait(10)
 
 
+# Set to "cluster" to run the tests that take `broker_url` against a local 3-primary Redis
+# Cluster (a redis+cluster:// URL) instead of one server (CI runs a subset of tests/executor so).
+TEST_BROKER_ENV = "DAGSTER_TASKIQ_TEST_BROKER"
+
+
+def stop_processes(processes: list[subprocess.Popen]) -> None:
+    """Terminate each process by its own handle, then kill any that does not exit in 10 s."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with redis.Redis(port=port, socket_timeout=1) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _cluster_ok(port: int) -> bool:
+    with redis.Redis(port=port, socket_timeout=1) as client:
+        return client.cluster("info").get("cluster_state") == "ok"
+
+
+@dataclass
+class RedisCluster:
+    ports: list[int]
+    processes: list[subprocess.Popen]
+
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def flushall(self) -> None:
+        for port in self.ports:
+            with redis.Redis(port=port) as client:
+                client.flushall()
+
+
+def start_cluster(directory: Path, primaries: int = 3) -> RedisCluster:
+    """``primaries`` cluster-enabled redis-servers on free ports, joined with ``redis-cli
+    --cluster create`` (no replicas). Stop it with ``stop_processes(cluster.processes)``."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are needed for a cluster")
+    ports = [free_port() for _ in range(primaries)]
+    # The bus port defaults to port + 10000, which a high free port would push past 65535.
+    bus_ports = [free_port() for _ in range(primaries)]
+    cluster = RedisCluster(ports, [])
+    try:
+        for port, bus_port in zip(ports, bus_ports, strict=True):
+            node_dir = directory / f"node-{port}"
+            node_dir.mkdir()
+            with open(node_dir / "redis.log", "wb") as log:
+                cluster.processes.append(subprocess.Popen(
+                    ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                     "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                     "--cluster-config-file", "nodes.conf",
+                     "--dir", str(node_dir), "--save", "", "--appendonly", "no"],
+                    stdout=log, stderr=subprocess.STDOUT))
+        for port in ports:
+            wait_for(lambda port=port: _answers(port), 10, f"cluster node on {port}")
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for port in ports:
+            wait_for(lambda port=port: _cluster_ok(port), 30, f"cluster state ok on {port}",
+                     interval=0.2)
+    except BaseException:
+        stop_processes(cluster.processes)
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[RedisCluster]:
+    cluster = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    stop_processes(cluster.processes)
+
+
+class _WholeCluster(redis.RedisCluster):
+    """A cluster client whose KEYS and FLUSHDB cover every primary, as on one server (redis-py
+    sends them to one node by default), so tests read a cluster as they read a server."""
+
+    def keys(self, pattern: str = "*", **kwargs: Any) -> Any:
+        return super().keys(pattern, target_nodes=self.PRIMARIES, **kwargs)
+
+    def flushdb(self, asynchronous: bool = False, **kwargs: Any) -> Any:
+        return super().flushdb(asynchronous, target_nodes=self.PRIMARIES, **kwargs)
+
+
+def sync_redis(url: str) -> redis.Redis:
+    """A synchronous client for a test's broker URL: a RedisCluster for a cluster URL."""
+    from dagster_taskiq.config import parse_redis_url
+
+    target = parse_redis_url(url)
+    if target.kind == "cluster":
+        from redis.cluster import ClusterNode
+
+        return _WholeCluster(  # type: ignore[return-value]
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes])
+    return redis.Redis.from_url(url)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "single_server: needs one redis-server's admin commands "
+                            "(REPLICAOF, DEBUG, ...): skipped when the broker is a cluster")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a cluster broker, run only the tests whose broker it is: the rest (their own servers,
+    or none) would only repeat the single-server run."""
+    if os.environ.get(TEST_BROKER_ENV) != "cluster":
+        return
+    for item in items:
+        if "broker_url" not in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.skip(reason="does not use the test broker"))
+        elif item.get_closest_marker("single_server"):
+            item.add_marker(pytest.mark.skip(reason="needs a single redis-server"))
+
+
 @pytest.fixture
-def broker_url(redis_server: RedisServer) -> str:
-    """The test's broker: database 0 of our private server, emptied first."""
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """The test's broker: database 0 of our private server (or, with
+    DAGSTER_TASKIQ_TEST_BROKER=cluster, a local Redis Cluster), emptied first."""
+    if os.environ.get(TEST_BROKER_ENV) == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        return cluster.url()
+    redis_server: RedisServer = request.getfixturevalue("redis_server")
     redis_server.client().flushall()
     return redis_server.url()
 

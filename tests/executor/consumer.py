@@ -10,10 +10,9 @@ import asyncio
 import signal
 import sys
 
-import redis.asyncio as aioredis
 from taskiq.receiver import Receiver
 
-from dagster_taskiq.broker import RedisLeaseBroker
+from dagster_taskiq.broker import RedisLeaseBroker, redis_client
 from dagster_taskiq.config import BrokerSettings
 from dagster_taskiq.results import RedisReplyBackend
 
@@ -24,7 +23,7 @@ def make_broker(url: str, queues: list[str], holder: str) -> RedisLeaseBroker:
     settings = BrokerSettings.from_config(url)
     broker = RedisLeaseBroker(settings, queues=queues, holder=holder, heartbeat_seconds=0.2)
     broker = broker.with_result_backend(RedisReplyBackend(settings))
-    trace = aioredis.Redis.from_url(url)
+    trace = redis_client(url, settings)  # a cluster URL too
 
     @broker.task(task_name="record")
     async def record(tag: str, seconds: float = 0.0) -> str:

@@ -13,11 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import redis
 
 from dagster_taskiq.broker import LEASE_LABEL, PRIORITY_LABEL, QUEUE_LABEL, REPLY_LABEL
 from dagster_taskiq.config import DEFAULT_KEY_PREFIX
-from tests.conftest import wait_for
+from tests.conftest import sync_redis, wait_for
 from tests.executor.conftest import CLI, execute_test_job, run_config, worker_env
 from tests.executor.consumer import TRACE, make_broker
 
@@ -104,7 +103,7 @@ def client(broker_url):
 
 
 def trace(url: str) -> list[str]:
-    return [item.decode() for item in redis.Redis.from_url(url).lrange(TRACE, 0, -1)]
+    return [item.decode() for item in sync_redis(url).lrange(TRACE, 0, -1)]
 
 
 def test_exact_priority_order(client, consumers, broker_url):
@@ -179,7 +178,7 @@ def test_thousand_tasks_none_lost_none_duplicated(client, consumers, broker_url)
     starts = Counter(item.split(":")[1] for item in trace(broker_url) if item.startswith("start"))
     assert len(starts) == 1000 and set(starts.values()) == {1}
     # Acknowledged messages are deleted: nothing is left in Redis but results and the trace.
-    leftovers = redis.Redis.from_url(broker_url).keys(f"{DEFAULT_KEY_PREFIX}:task:*")
+    leftovers = sync_redis(broker_url).keys(f"{DEFAULT_KEY_PREFIX}:task:*")
     assert leftovers == []
 
 

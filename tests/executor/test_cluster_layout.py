@@ -10,12 +10,9 @@ spanned slots would fail (CROSSSLOT, or a key that is not local to the node).
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis
@@ -32,19 +29,15 @@ from dagster_taskiq.broker import (
     QUEUE_LABEL,
     REPLY_LABEL,
     RUN,
-    SCRIPTS,
     RedisLeaseBroker,
 )
 from dagster_taskiq.config import TASK_EXECUTE_JOB, BrokerSettings
 from dagster_taskiq.results import RedisReplyBackend
-from tests.conftest import free_port, wait_for
+from tests.conftest import RedisCluster as RedisClusterServers
 
 # Every kind of key the workload must have made (so an assertion over "all keys" is not empty).
 SEGMENTS = {"task", "queue", "runs", "wake", "wakeruns", "seq", "leases", "claim", "reply",
             "result", "workers", "worker"}
-
-Adopt = Callable[[RedisLeaseBroker | RedisReplyBackend], None]
-
 
 def message(task_id: str, queue: str, reply_to: str, lease: float = 30.0,
             task_name: str = "record") -> BrokerMessage:
@@ -52,10 +45,10 @@ def message(task_id: str, queue: str, reply_to: str, lease: float = 30.0,
     return BrokerMessage(task_id=task_id, task_name=task_name, message=b"{}", labels=labels)
 
 
-async def exercise(settings: BrokerSettings, keys: Callable[[], Awaitable[list[bytes]]],
-                   adopt: Adopt | None = None) -> set[bytes]:
+async def exercise(settings: BrokerSettings,
+                   keys: Callable[[], Awaitable[list[bytes]]]) -> set[bytes]:
     """Run every script, the results and the registry once; returns every key seen in Redis
-    after each step. ``adopt`` hands a broker or backend another client (a cluster's)."""
+    after each step."""
     prefix = settings.key_prefix
     reply_to = f"{prefix}:reply:run-1:{uuid.uuid4().hex}"  # as the orchestrator names it
     client = RedisLeaseBroker(settings)
@@ -65,8 +58,6 @@ async def exercise(settings: BrokerSettings, keys: Callable[[], Awaitable[list[b
                             kind=RUN)
     backend = RedisReplyBackend(settings)
     parts = (client, steps, runs, backend)
-    for part in parts if adopt else ():
-        adopt(part)
     seen: set[bytes] = set()
 
     async def snapshot() -> None:
@@ -170,95 +161,31 @@ def test_a_reply_list_outside_the_prefix_is_refused(broker_url: str) -> None:
 # -- a real Redis Cluster -----------------------------------------------------------------
 
 
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+@pytest.fixture
+def cluster_ports(redis_cluster: RedisClusterServers) -> list[int]:
+    redis_cluster.flushall()
+    return redis_cluster.ports
 
 
-@pytest.fixture(scope="module")
-def cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
-    """Three primaries, no replicas, on free ports; every process stopped by its own handle."""
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.skip("redis-server and redis-cli are needed for a cluster")
-    ports = [free_port() for _ in range(3)]
-    # The bus port defaults to port + 10000, which a high free port would push past 65535.
-    bus_ports = [free_port() for _ in range(3)]
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        for port, bus_port in zip(ports, bus_ports, strict=True):
-            directory: Path = tmp_path_factory.mktemp(f"cluster-{port}")
-            with open(directory / "redis.log", "wb") as log:
-                processes.append(subprocess.Popen(
-                    ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                     "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
-                     "--cluster-config-file", "nodes.conf",
-                     "--dir", str(directory), "--save", "", "--appendonly", "no"],
-                    stdout=log, stderr=subprocess.STDOUT))
-        for port in ports:
-            wait_for(lambda port=port: _answers(port), 10, f"cluster node on {port}")
-        subprocess.run(["redis-cli", "--cluster", "create",
-                        *(f"127.0.0.1:{p}" for p in ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        for port in ports:
-            wait_for(lambda port=port: _cluster_ok(port), 30, f"cluster state ok on {port}",
-                     interval=0.2)
-        yield ports
-    finally:
-        _stop(processes)
-
-
-def _answers(port: int) -> bool:
-    try:
-        with redis.Redis(port=port, socket_timeout=1) as client:
-            return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-def _cluster_ok(port: int) -> bool:
-    with redis.Redis(port=port, socket_timeout=1) as client:
-        return client.cluster("info").get("cluster_state") == "ok"
-
-
-def _cluster_client(ports: list[int]) -> RedisCluster:
-    return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in ports],
-                        socket_timeout=5)
-
-
-def _adopter(cluster: RedisCluster) -> Adopt:
-    """Point a broker (and its scripts) or backend at the cluster. The broker does not take
-    cluster URLs yet, so the test hands it the client; everything else is the broker's code."""
-
-    def adopt(part: RedisLeaseBroker | RedisReplyBackend) -> None:
-        part._redis = cluster  # type: ignore[assignment]
-        if isinstance(part, RedisLeaseBroker):
-            part._scripts = {name: cluster.register_script(source)
-                             for name, source in SCRIPTS.items()}
-
-    return adopt
+def cluster_url(ports: list[int]) -> str:
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
 
 
 def test_every_script_runs_on_a_real_cluster(cluster_ports: list[int]) -> None:
-    settings = BrokerSettings.from_config("redis://127.0.0.1:1/0")  # the URL goes unused
+    """The broker, results and registry on a cluster URL (``redis_client`` makes their
+    RedisCluster clients); each part's own client runs its commands."""
+    settings = BrokerSettings.from_config(cluster_url(cluster_ports))
     seen: set[bytes] = set()
 
     async def main() -> None:
-        cluster = _cluster_client(cluster_ports)
+        cluster = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in cluster_ports])
         try:
             await cluster.flushall(target_nodes=RedisCluster.PRIMARIES)
 
             async def keys() -> list[bytes]:
                 return await cluster.keys("*", target_nodes=RedisCluster.PRIMARIES)
 
-            # The parts share the client; shutdown closing it more than once is harmless.
-            seen.update(await exercise(settings, keys, _adopter(cluster)))
+            seen.update(await exercise(settings, keys))
         finally:
             await cluster.aclose()
 
@@ -269,18 +196,15 @@ def test_every_script_runs_on_a_real_cluster(cluster_ports: list[int]) -> None:
 def test_a_prefix_without_a_hash_tag_would_fail_on_a_cluster(cluster_ports: list[int]) -> None:
     """The control: the same submit with a tagless prefix (forced past the settings, which
     would wrap it) spans slots, and the cluster refuses it."""
-    settings = BrokerSettings.from_config("redis://127.0.0.1:1/0")
+    settings = BrokerSettings.from_config(cluster_url(cluster_ports))
     object.__setattr__(settings, "key_prefix", "dagster-taskiq")
 
     async def main() -> None:
-        cluster = _cluster_client(cluster_ports)
         broker = RedisLeaseBroker(settings)
-        _adopter(cluster)(broker)
         try:
             with pytest.raises((RedisClusterException, ResponseError)):
                 await broker.kick(message("x", "dagster", "dagster-taskiq:replies"))
         finally:
-            await cluster.aclose()
+            await broker.shutdown()
 
     asyncio.run(main())
-

@@ -19,7 +19,7 @@ import redis
 
 from dagster_taskiq.broker import LEASE_LABEL, PRIORITY_LABEL, QUEUE_LABEL, REPLY_LABEL
 from dagster_taskiq.config import DEFAULT_KEY_PREFIX as P
-from tests.conftest import start_redis, wait_for
+from tests.conftest import start_redis, sync_redis, wait_for
 from tests.e2e.conftest import alive
 from tests.executor.conftest import REPO_FILE, run_config, worker_env
 from tests.executor.test_broker import client, consumers, trace  # noqa: F401 (fixtures)
@@ -93,7 +93,7 @@ def test_a_consumer_whose_clock_runs_behind_keeps_its_lease(client, consumers, b
     client.send("slow", seconds=3, lease=2.0)
     wait_for(lambda: "start:slow:behind" in trace(broker_url), 20, "the skewed consumer")
     consumers("other")
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
     now_ms = server.time()[0] * 1000
     deadlines = [score for _, score in server.zrange(f"{P}:leases", 0, -1,
                                                      withscores=True)]
@@ -117,6 +117,7 @@ print([w.name for w in await live_workers(broker.redis, broker.settings.key_pref
     assert listed.strip() == "['behind']"
 
 
+@pytest.mark.single_server
 def test_a_read_only_window_shorter_than_the_lease_runs_nothing_twice(client, consumers,  # noqa: F811
                                                                        broker_url):
     """Redis demoted to a replica (as in a failover) answers READONLY to every write for a
@@ -127,7 +128,7 @@ def test_a_read_only_window_shorter_than_the_lease_runs_nothing_twice(client, co
     client.send("slow", seconds=5, lease=4.0)
     wait_for(lambda: "start:slow:holder" in trace(broker_url), 20, "the holder to start")
     other = consumers("other")
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
     server.execute_command("REPLICAOF", "127.0.0.1", "1")  # a primary that never answers
     try:
         time.sleep(1.5)
@@ -148,7 +149,7 @@ def test_a_worker_whose_registry_loop_dies_exits_non_zero(start_worker, broker_u
     """A background loop that dies of an unexpected error stops the worker (exit 1, saying
     which loop) instead of leaving a process that looks alive and is gone from the registry."""
     worker = start_worker(name="doomed")
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
     server.delete(f"{P}:workers")
     server.set(f"{P}:workers", "not a sorted set")  # WRONGTYPE for the next ZADD
     try:
@@ -269,7 +270,7 @@ def test_submitting_the_same_task_twice_queues_it_once(client, consumers, broker
     for _ in range(3):
         client.loop.run_until_complete(
             task.kicker().with_labels(**labels).with_task_id("fixed-id").kiq("once", 0.5))
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
     assert server.zcard(f"{P}:queue:dagster") == 1
     consumers("a", concurrency=2)
     consumers("b", concurrency=2)
@@ -300,7 +301,7 @@ def test_a_reply_list_recreated_after_its_run_expires(client, broker_url):  # no
     """A late revoke (or a lost worker) re-creates a run's reply list after its orchestrator
     deleted it: the list expires instead of staying forever."""
     client.send("never-run")
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
     server.delete(client.reply_to)  # the orchestrator is done and cleaned up
     task_ids = [m.decode().split("|", 1)[1]
                 for m in server.zrange(f"{P}:queue:dagster", 0, -1)]
@@ -329,7 +330,7 @@ def test_a_step_left_queued_by_a_dead_orchestrator_never_runs_into_its_ended_run
     orchestrator = subprocess.Popen(
         [sys.executable, "-c", script, REPO_FILE, json.dumps(config)],
         env=worker_env(broker_url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
     try:
         # The task in the broker, not the submit event: the event is written just before the
         # send, and a kill between the two (seen under CI load) leaves nothing queued.
@@ -380,7 +381,7 @@ def test_a_lost_reply_is_settled_from_the_event_log(start_worker, instance, io_d
     config = run_config(io_dir, broker_url)
     config["ops"] = {"slow_0": {"config": {"seconds": 3.0}}}
     orchestrator = _orchestrate("slow_chain_job", config, broker_url)
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
     try:
         wait_for(lambda: _starts(instance, "slow_0"), 60, "slow_0 to start")
         orchestrator.send_signal(signal.SIGSTOP)
@@ -410,7 +411,7 @@ def test_a_task_lost_with_redis_data_fails_its_step_instead_of_hanging(instance,
 
     config = run_config(io_dir, broker_url)
     orchestrator = _orchestrate("slow_chain_job", config, broker_url)
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
     try:
         wait_for(lambda: server.keys(f"{P}:task:*"), 60, "slow_0 to be queued")
         server.flushdb()
@@ -464,7 +465,7 @@ def test_a_finished_run_leaves_only_fixed_structures_in_redis(start_worker, inst
     out: list = []
     _run_in_thread("test_diamond_job", run_config(io_dir, broker_url), out).join(120)
     assert out and out[0].success
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
 
     def kind(key: bytes) -> str:
         return key.decode()[len(P) + 1:].split(":", 1)[0]

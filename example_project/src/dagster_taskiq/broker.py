@@ -39,6 +39,8 @@ from importlib import resources
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
@@ -60,6 +62,7 @@ from dagster_taskiq.config import (
     TASK_RESUME_JOB,
     BrokerSettings,
     mask_url,
+    parse_redis_url,
 )
 
 logger = logging.getLogger("dagster_taskiq.broker")
@@ -90,6 +93,12 @@ class RedisBusyError(ResponseError):
     """BUSY: the server is running someone's long script; it answers again once that ends."""
 
 
+class RedisNoReplicasError(ResponseError):
+    """NOREPLICAS: a primary with ``min-replicas-to-write`` set has too few replicas in sync
+    (one cut off by a failover, or a replica catching up); it accepts writes again once they
+    are back, and a demoted one sends us to the new primary."""
+
+
 class RedisUnblockedError(ResponseError):
     """UNBLOCKED: a blocking read was ended by the server changing role (a primary demoted to
     replica in a failover); the same read succeeds against the new primary."""
@@ -97,7 +106,7 @@ class RedisUnblockedError(ResponseError):
 
 def _classify_transient_replies() -> None:
     # redis-py maps each error reply's first word to an exception class in one table shared by
-    # all its parsers; these two are not in it (bare ResponseErrors, never retried).
+    # all its parsers; these are not in it (bare ResponseErrors, never retried).
     try:
         from redis._parsers.base import BaseParser
     except ImportError:  # a redis-py that moved it: these replies are then not retried
@@ -105,6 +114,7 @@ def _classify_transient_replies() -> None:
         return
     BaseParser.EXCEPTION_CLASSES.setdefault("BUSY", RedisBusyError)
     BaseParser.EXCEPTION_CLASSES.setdefault("UNBLOCKED", RedisUnblockedError)
+    BaseParser.EXCEPTION_CLASSES.setdefault("NOREPLICAS", RedisNoReplicasError)
 
 
 _classify_transient_replies()
@@ -112,10 +122,12 @@ _classify_transient_replies()
 # Failures that pass: reconnect or retry with backoff. Besides lost connections, the replies a
 # healthy deployment gives for a while: READONLY (a failover demoted our primary), LOADING (a
 # restart reads its data), OOM (noeviction and full), MASTERDOWN (a replica lost its primary),
-# BUSY (a long script), UNBLOCKED (a blocking read cut by a demotion), NOSCRIPT (a restart
-# forgot our scripts; redis-py reloads them), TRYAGAIN and CLUSTERDOWN.
+# BUSY (a long script), UNBLOCKED (a blocking read cut by a demotion), NOREPLICAS
+# (min-replicas-to-write not met), NOSCRIPT (a restart forgot our scripts; redis-py reloads
+# them), TRYAGAIN and CLUSTERDOWN.
 REDIS_ERRORS = (
     RedisBusyError,
+    RedisNoReplicasError,
     RedisUnblockedError,
     RedisConnectionError,
     RedisTimeoutError,
@@ -157,17 +169,87 @@ def script_source(name: str) -> str:
 SCRIPTS: dict[str, str] = {name: script_source(name) for name in SCRIPT_NAMES}
 
 
+PRIMARY_CHECK_SECONDS = 1.0
+
+
+class _PrimaryFollowingPool(SentinelConnectionPool):
+    """A Sentinel pool that drops connections to a demoted primary that still answers.
+
+    redis-py's asyncio pool asks the Sentinels where the primary is only when it opens a
+    connection. After a failover that leaves the old primary running (``SENTINEL FAILOVER``,
+    a partition), the connections already open to it stay in use until the Sentinels
+    reconfigure it as a replica, seconds later, and what they write there meanwhile is lost.
+    This pool asks at most once per ``PRIMARY_CHECK_SECONDS`` and reconnects any connection
+    it hands out that points elsewhere than the primary the Sentinels name."""
+
+    _asked = 0.0
+
+    async def get_connection(self, command_name: Any = None, *keys: Any,
+                             **options: Any) -> Any:
+        now = time.monotonic()
+        if now - self._asked >= PRIMARY_CHECK_SECONDS:
+            self._asked = now
+            try:
+                await self.get_master_address()  # also drops idle connections if it moved
+            except REDIS_ERRORS as exc:  # the Sentinels' outage is not the primary's
+                logger.debug("Could not ask the Sentinels for the primary: %r", exc)
+        connection = await super().get_connection(command_name, *keys, **options)
+        primary = self.master_address
+        if primary is not None and (connection.host, connection.port) != tuple(primary):
+            try:
+                await connection.disconnect()
+                await self.ensure_connection(connection)  # connects to the primary named now
+            except BaseException:
+                await self.release(connection)
+                raise
+        return connection
+
+
+class _SentinelRedis(aioredis.Redis):
+    """The primary's client that a Sentinel URL gives: closing it closes the Sentinel clients
+    that find the primary too (redis-py leaves those to the caller)."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        await self.connection_pool.sentinel_manager.aclose()
+
+
 def redis_client(url: str, settings: BrokerSettings) -> aioredis.Redis:
-    """An asyncio Redis client with explicit timeouts (redis-py 8's defaults break blocking
-    reads) and keepalive, so a dead server is noticed instead of waited on forever."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=settings.socket_timeout,
-        socket_connect_timeout=settings.socket_connect_timeout,
-        socket_keepalive=True,
-        health_check_interval=30,
-        max_connections=settings.max_connections,
+    """The one place Redis clients are made: an asyncio client for any broker URL form (see
+    ``config.URL_FORMS``) with explicit timeouts (redis-py 8's defaults break blocking reads)
+    and keepalive, so a dead server is noticed instead of waited on forever.
+
+    A Sentinel URL gives a client of the primary the Sentinels elect: each new connection asks
+    them where it is, so after a failover the reconnects (our REDIS_ERRORS retries) reach the
+    new primary, and a connection to a demoted one fails with READONLY and is dropped. A
+    Cluster URL gives a ``RedisCluster`` (the same commands; every key of ours is in one slot).
+    """
+    target = parse_redis_url(url)
+    options: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.socket_connect_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "max_connections": settings.max_connections,
+    }
+    if target.kind == "server":
+        return aioredis.Redis.from_url(url, **options)
+    credentials = {"username": target.username, "password": target.password, "ssl": target.tls}
+    if target.kind == "cluster":
+        cluster = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in
+                                              target.nodes], **credentials, **options)
+        return cluster  # type: ignore[return-value] # the commands we use are the same
+    sentinel = Sentinel(
+        target.nodes,
+        sentinel_kwargs={"socket_timeout": settings.socket_timeout,
+                         "socket_connect_timeout": settings.socket_connect_timeout,
+                         "socket_keepalive": True, "ssl": target.tls,
+                         "username": target.sentinel_username,
+                         "password": target.sentinel_password},
     )
+    return sentinel.master_for(target.service, redis_class=_SentinelRedis,
+                               connection_pool_class=_PrimaryFollowingPool, db=target.db,
+                               **credentials, **options)
 
 
 async def stop_loop(task: asyncio.Task[Any], timeout: float = 5.0) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 
 def _invalid_config(message: str, errors: list[Any], value: object) -> Exception:
@@ -30,46 +31,142 @@ TASK_EXECUTE_JOB = "execute_job"
 TASK_RESUME_JOB = "resume_job"
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+_SENTINEL_PORT, _REDIS_PORT = 26379, 6379
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+URL_FORMS = ("redis://[[user]:password@]host[:port][/db], rediss:// for TLS, unix:///path, "
+             "redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]"
+             "[?sentinel_password=...] (Sentinel; default port 26379) or "
+             "redis+cluster://[[user]:password@]host[:port][,host[:port]...] (Redis Cluster); "
+             "rediss+sentinel:// and rediss+cluster:// for TLS")
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """What a broker URL names: one server (``url`` as redis-py reads it), the primary a set of
+    Sentinels elects for ``service``, or a Redis Cluster reached through any of ``nodes``."""
+
+    kind: str  # "server", "sentinel" or "cluster"
+    url: str = field(repr=False)  # kept out of reprs (and so tracebacks): it may hold passwords
+    nodes: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+
+    def where(self) -> tuple[Any, ...]:
+        """Which data it names, credentials aside (see ``same_redis_database``)."""
+        if self.kind == "server":
+            parts = urlsplit(self.url)
+            if parts.scheme == "unix":
+                return ("unix", parts.path)
+            db = parts.path.strip("/") or "0"
+            return (parts.scheme, parts.hostname, parts.port or _REDIS_PORT, db)
+        return (self.kind, frozenset(self.nodes), self.service, self.db)
+
+
+def _split_url(url: str) -> tuple[str, str, str, str]:
+    """(scheme, netloc, path, query) without urlsplit's port parsing, which a comma-separated
+    host list would break."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", "", url, ""
+    rest, _, query = rest.partition("?")
+    rest = rest.partition("#")[0]
+    netloc, slash, path = rest.partition("/")
+    return scheme.lower(), netloc, slash + path, query
+
+
+def _nodes(hosts: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    nodes = []
+    for item in hosts.split(","):
+        match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::(\d+))?", item.strip())
+        if match is None:
+            raise ValueError(f"bad host {item!r} (expected host[:port])")
+        port = int(match.group(2) or default_port)
+        if not 0 < port < 65536:
+            raise ValueError(f"bad port {port}")
+        nodes.append((match.group(1).strip("[]"), port))
+    return tuple(nodes)
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Read a broker URL (any of ``URL_FORMS``); ``ValueError`` saying what is wrong (never
+    quoting the URL, which may hold a password) if it is not one."""
+    scheme, netloc, path, query = _split_url(url)
+    if scheme in _REDIS_SCHEMES:
+        return RedisTarget("server", url)
+    if scheme not in SENTINEL_SCHEMES + CLUSTER_SCHEMES:
+        raise ValueError("not a Redis URL")
+    sentinel = scheme in SENTINEL_SCHEMES
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, has_password, password = userinfo.partition(":")
+    if not hosts:
+        raise ValueError("no host")
+    nodes = _nodes(hosts, _SENTINEL_PORT if sentinel else _REDIS_PORT)
+    segments = [unquote(s) for s in path.strip("/").split("/") if s]
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    allowed = _SENTINEL_OPTIONS if sentinel else ()
+    if unknown := sorted(set(options) - set(allowed)):
+        raise ValueError(f"unknown option(s) {unknown}"
+                         + (f" (allowed: {list(allowed)})" if allowed else ""))
+    if sentinel:
+        if not segments or len(segments) > 2:
+            raise ValueError("a Sentinel URL must end with /<service name>[/<db>], the "
+                             "name the Sentinels monitor the primary by (e.g. mymaster)")
+        service, db = segments[0], segments[1] if len(segments) == 2 else "0"
+    else:
+        service, db = "", segments[0] if len(segments) == 1 else "0"
+        if len(segments) > 1 or db != "0":
+            raise ValueError("Redis Cluster has only database 0")
+    if not db.isdigit():
+        raise ValueError(f"bad database number {db!r}")
+    return RedisTarget(
+        "sentinel" if sentinel else "cluster", url, nodes, service, int(db),
+        unquote(username) or None, unquote(password) if has_password else None,
+        scheme.startswith("rediss"),
+        options.get("sentinel_username") or None, options.get("sentinel_password") or None,
+    )
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``: safe for logs, events and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
+    """``url`` with its passwords (in the user info, or a ``*password`` query option) replaced
+    by ``***``: safe for logs, events and errors."""
+    scheme, netloc, path, query = _split_url(url)
+    if not scheme:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, has_password, _ = userinfo.partition(":")
+    if has_password:
+        netloc = f"{username}:***@{hosts}"
+    options = parse_qsl(query, keep_blank_values=True)
+    if any(k.endswith("password") for k, _ in options):
+        query = urlencode([(k, "***" if k.endswith("password") else v) for k, v in options],
+                          safe="*")
+    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
 
 
 def same_redis_database(first: str, second: str) -> bool:
-    """Whether two Redis URLs name the same server and database (credentials aside)."""
-
-    def where(url: str) -> tuple[str, str | None, int | None, str]:
-        parts = urlsplit(url)
-        if parts.scheme == "unix":
-            return ("unix", None, None, parts.path)
-        db = parts.path.strip("/") or "0"
-        return (parts.scheme, parts.hostname, parts.port or 6379, db)
-
-    return where(first) == where(second)
+    """Whether two Redis URLs name the same server (or Sentinel service, or Cluster) and
+    database, credentials aside."""
+    return parse_redis_url(first).where() == parse_redis_url(second).where()
 
 
 def validate_redis_url(url: str, what: str) -> str:
     """Raise a clear error unless ``url`` is a Redis URL we can connect to."""
-    scheme = urlsplit(url).scheme if "://" in url else ""
-    if scheme not in _REDIS_SCHEMES:
+    try:
+        parse_redis_url(url)
+    except ValueError as exc:
         raise _invalid_config(
-            f"Unsupported {what} URL {mask_url(url)!r}: dagster-taskiq needs a Redis URL "
-            "(redis://[:password@]host[:port][/db], rediss:// for TLS, or unix:///path).",
+            f"Unsupported {what} URL {mask_url(url)!r}: {exc}. dagster-taskiq needs a Redis "
+            f"URL: {URL_FORMS}.",
             [],
             url,
-        )
+        ) from None
     return url
 
 

@@ -33,7 +33,9 @@ TASKIQ_CONFIG: dict[str, Field] = {
     "broker": Field(
         Noneable(StringSource),
         is_required=False,
-        description="Redis URL of the broker (redis://, rediss:// or unix://). Default: "
+        description="Redis URL of the broker: redis://, rediss:// (TLS), unix://, "
+        "redis+sentinel://[:password@]host[:port][,host[:port]...]/<service>[/db] (Sentinel) or "
+        "redis+cluster://[:password@]host[:port][,host[:port]...] (Redis Cluster). Default: "
         "$DAGSTER_TASKIQ_BROKER_URL, else redis://localhost:6379/0.",
     ),
     "backend": Field(
