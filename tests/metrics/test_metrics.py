@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dagster_taskiq.client import TaskiqClient
 from dagster_taskiq.config import DEFAULT_KEY_PREFIX as P
 from dagster_taskiq.config import BrokerSettings
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, sync_redis, wait_for
 from tests.e2e.conftest import alive
 from tests.executor.conftest import CLI, execute_test_job, run_config, worker_env
 
@@ -298,7 +298,7 @@ def test_worker_counts_a_lost_lease_its_redelivery_and_a_crashed_step(
     port = free_port()
     worker = start_worker(name="metered", args=["--metrics-port", str(port),
                                                 "--metrics-host", "127.0.0.1"])
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
     config = run_config(io_dir, broker_url, worker_heartbeat_timeout=2.0)
     config["ops"] = {"slow_0": {"config": {"seconds": 4.0}},
                      **{f"slow_{i}": {"config": {"seconds": 0.1}} for i in (1, 2)}}
