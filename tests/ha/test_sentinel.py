@@ -66,6 +66,9 @@ def test_a_client_follows_the_primary_through_a_failover(sentinel_setup: Sentine
         client = redis_client(settings.broker_url, settings)
         try:
             await client.set("before", "1")
+            # Replication is asynchronous: without this, a loaded machine may kill the primary
+            # before the replica has the write, and the new primary rightly lacks it.
+            assert await client.execute_command("WAIT", 1, 10_000) == 1
             sentinel_setup.servers[0].process.kill()  # SIGKILL: no goodbye to anyone
             deadline = time.monotonic() + 60
             while True:  # as the broker's loops do: retry what REDIS_ERRORS says will pass
