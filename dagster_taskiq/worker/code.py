@@ -16,7 +16,7 @@ import hashlib
 import os
 import sys
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -195,13 +195,35 @@ def code_version(pointer: object) -> str:
 _warmed = False
 
 
+def _remember(cls: type, name: str, key: Callable[..., Hashable]) -> None:
+    """Memoize ``cls.name`` across instances by ``key(self, *args)`` (calls with keyword
+    arguments, which botocore does not make, are passed through); its results must be
+    read-only to their callers."""
+    original = getattr(cls, name)
+    if getattr(original, "_dagster_taskiq_remembered", False):
+        return
+    results: dict[Hashable, Any] = {}
+
+    @functools.wraps(original)
+    def remembered(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            return original(self, *args, **kwargs)
+        at = key(self, *args)
+        if at not in results:
+            results[at] = original(self, *args)
+        return results[at]
+
+    remembered._dagster_taskiq_remembered = True  # type: ignore[attr-defined]
+    setattr(cls, name, remembered)
+
+
 def warm_libraries() -> None:
     """Pay once, in the zygote, what a library makes every forked step pay again.
 
-    botocore (the S3 IO manager and compute logs) re-reads and parses its service JSON for
-    every new session, i.e. in every step (~40 ms for S3), and builds its first client lazily
-    (~60 ms more): keep what it parsed (read-only to botocore, as its own per-session cache
-    already treats it) and build one client here."""
+    botocore (the S3 IO manager and compute logs) re-reads its data directories and parses its
+    service JSON for every new session, i.e. in every step (~60 ms for S3), and builds its
+    first client lazily (~60 ms more): keep what it found and parsed (read-only to botocore, as
+    its own per-session caches already treat it) and build one client here."""
     global _warmed  # once per process
     if _warmed or "botocore" not in sys.modules:
         return
@@ -211,19 +233,12 @@ def warm_libraries() -> None:
         from botocore import loaders
     except ImportError:
         return
-    if not getattr(loaders.JSONFileLoader.load_file, "_dagster_taskiq_cached", False):
-        parse = loaders.JSONFileLoader.load_file
-        parsed: dict[Any, Any] = {}
-
-        @functools.wraps(parse)
-        def load_file(self: Any, file_path: str, *args: Any, **kwargs: Any) -> Any:
-            key = (file_path, args, tuple(sorted(kwargs.items())))
-            if key not in parsed:
-                parsed[key] = parse(self, file_path, *args, **kwargs)
-            return parsed[key]
-
-        load_file._dagster_taskiq_cached = True  # type: ignore[attr-defined]
-        loaders.JSONFileLoader.load_file = load_file  # ty: ignore[invalid-assignment]
+    # What botocore reads from its data directories does not change while a zygote lives: the
+    # parsed JSON, and which services and API versions are there (a walk of ~400 folders,
+    # three times per client).
+    _remember(loaders.JSONFileLoader, "load_file", lambda _self, *args: args)
+    for method in ("list_available_services", "list_api_versions"):
+        _remember(loaders.Loader, method, lambda self, *args: (tuple(self.search_paths), *args))
     with contextlib.suppress(Exception):  # a warm-up only: whatever fails here fails later too
         boto3.session.Session().resource(
             "s3", region_name="us-east-1", aws_access_key_id="warm-up",
