@@ -39,6 +39,8 @@ from tests.monitoring.conftest import (
 )
 
 JOBS_FILE = str(Path(__file__).with_name("jobs.py"))
+# KEDA's query for each queue's worker pool, as the template ships it (Kubernetes target).
+AUTOSCALING = next((REPO / "template").glob("*/kubernetes/autoscaling.yaml.jinja"))
 QUEUES = ("dagster", "side")
 # What Grafana would send: "All" of a multi-value variable as a regex of the values, and a rate
 # window that spans several 1 s scrapes.
@@ -217,6 +219,28 @@ def _check(tmp_path: Path, prometheus: Prometheus, redis: RedisServer, side, exp
                 if "queue" in s["labels"] and s["labels"]["queue"] not in QUEUES:
                     problems.append(f"unknown queue {s['labels']}: {where}")
         dump["panels"].append(entry)
+
+    # KEDA's scaling query, exactly as shipped, per queue: data for both queues, and never 0
+    # while a step of the queue is in flight (a pool must not scale to zero under it).
+    [keda] = re.findall(r"^\s*query: (.+)$", AUTOSCALING.read_text(), re.MULTILINE)
+    dump["keda"] = []
+    for queue in QUEUES:
+        expr = keda.replace("{{ queue }}", queue)
+        scaled = prometheus.query_range(expr, started, ended)["result"]
+        inflight = prometheus.query_range(
+            f'sum(dagster_taskiq_queue_inflight_tasks{{queue="{queue}"}})', started,
+            ended)["result"]
+        values = {t: float(v) for t, v in scaled[0]["values"]} if scaled else {}
+        busy = [t for t, v in (inflight[0]["values"] if inflight else []) if float(v) > 0]
+        dump["keda"].append({"queue": queue, "expr": expr, "max": max(values.values(),
+                                                                     default=None),
+                             "samples": len(values), "in_flight_samples": len(busy)})
+        if not values:
+            problems.append(f"KEDA query returns no data: {expr}")
+        elif queue == "dagster" and not busy:
+            problems.append("no step was ever in flight on the dagster queue")
+        problems.extend(f"KEDA query is {values.get(t)} at {t} with work in flight: {expr}"
+                        for t in busy if not values.get(t))
 
     # Every rule is a valid instant query now; those the scenario does not make fire must at
     # least watch live series (the expression without its threshold returns data).
