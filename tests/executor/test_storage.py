@@ -86,3 +86,26 @@ def test_events_of_a_running_step_are_committed_on_postgres(postgres_instance, s
 
     assert isinstance(postgres_instance.event_log_storage, PostgresEventLogStorage)
     _check_live_events(postgres_instance, start_worker, io_dir, tmp_path, broker_url)
+
+
+def test_a_held_connection_is_reused_replaced_when_idle_and_never_nested(tmp_path, monkeypatch):
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    from dagster_taskiq.worker import storage
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'held.db'}", poolclass=NullPool)
+    connections = storage._Connections()
+    with connections.held("db", engine.connect) as first:
+        first.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        first.commit()
+        with connections.held("db", engine.connect) as nested:  # Dagster nests some uses
+            assert nested is not first
+        assert nested.closed and not first.closed
+    with connections.held("db", engine.connect) as again:
+        assert again is first
+    monkeypatch.setattr(storage, "IDLE_SECONDS", 0.0)
+    with connections.held("db", engine.connect) as fresh:
+        assert fresh is not first and first.closed
+    connections.release()
+    assert fresh.closed

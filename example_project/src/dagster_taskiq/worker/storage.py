@@ -11,6 +11,7 @@ connection each time. Here:
 - a forked task holds one connection per database (sqlite file, or the PostgreSQL event log)
   from its first event until its reply is sent (:func:`release_connections`); opening one, and
   for sqlite closing the last one of a WAL database (a checkpoint), cost more than the write.
+  One left idle for ``IDLE_SECONDS`` (a long step) is replaced before its next use.
 
 Each event is still its own committed write, so the UI sees a step's events as they happen, and
 the zygote itself never holds a connection. Only Dagster's own sqlite and PostgreSQL storages
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +36,7 @@ from sqlalchemy.pool import NullPool
 
 MAX_ENGINES = 256  # one per run's event-log database; the oldest go
 BUSY_TIMEOUT_SECONDS = 30  # Dagster's own wait on a locked sqlite database
+IDLE_SECONDS = 10.0  # a held connection unused for longer is replaced before its next use
 
 # Statuses after which Dagster's own step entry point no longer runs a step of the run.
 ENDED_RUN_STATUSES = (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
@@ -54,6 +57,7 @@ class _Connections:
         self._held: dict[str, Connection] = {}
         self._held_by = self._zygote
         self._busy: set[str] = set()  # keys whose connection is in use now
+        self._used: dict[str, float] = {}  # key -> when its connection was last used
 
     def engine(self, url: str) -> Engine:
         engine = self._engines.get(url)
@@ -78,12 +82,20 @@ class _Connections:
         (Dagster's PostgreSQL storage opens its index connection while the run's is open) gets
         a connection of its own, as Dagster would give it."""
         if self._held_by != os.getpid():  # a process the task forked: connections of its own
-            self._held, self._held_by, self._busy = {}, os.getpid(), set()
+            self._held, self._held_by, self._busy, self._used = {}, os.getpid(), set(), {}
         if key in self._busy:
             with connect() as conn:
                 yield conn
             return
         conn = self._held.get(key)
+        now = time.monotonic()
+        if conn is not None and now - self._used.get(key, now) > IDLE_SECONDS:
+            # Idle for long (a long step between its events): servers and proxies drop idle
+            # connections, so take a fresh one as Dagster would.
+            self._held.pop(key, None)
+            with contextlib.suppress(Exception):
+                conn.close()
+            conn = None
         if conn is None or conn.closed or conn.invalidated:
             conn = self._held[key] = connect()
         self._busy.add(key)
@@ -96,6 +108,7 @@ class _Connections:
             raise
         finally:
             self._busy.discard(key)
+            self._used[key] = time.monotonic()
 
     def release(self) -> None:
         held, self._held = self._held, {}
