@@ -564,7 +564,14 @@ class RedisLeaseBroker(AsyncBroker):
     def give_up_lease(self, task_id: str) -> None:
         """Stop renewing a task's lease without acknowledging it (its process stopped itself
         at its fence): once the lease runs out the task goes back to its queue (if it is not
-        another worker's already)."""
+        another worker's already). A process stops itself only past its fence, so a lease
+        renewed since then is a newer delivery of the task (this worker took it again while
+        the notice was on its way): that one is kept."""
+        renewed = self._renewed.get(task_id)
+        if renewed is not None:
+            lease, at = renewed
+            if time.monotonic() - at < lease - fence_margin(lease):
+                return
         self._expired(task_id)
 
     # -- leases -----------------------------------------------------------------------------
@@ -592,7 +599,9 @@ class RedisLeaseBroker(AsyncBroker):
         for task_id, token in held.items():
             args += [task_id, token]
         lost, cancelled = await self._run("heartbeat", keys, args)
-        lost = [i.decode() for i in lost]
+        # Only the deliveries this heartbeat was about: one taken again meanwhile (a newer
+        # token) is not lost.
+        lost = [t for t in (i.decode() for i in lost) if self._held.get(t) == held.get(t)]
         for task_id in held.keys() - set(lost):
             if task_id in self._renewed:
                 self._renew(task_id, self._renewed[task_id][0], sent)
