@@ -145,6 +145,7 @@ RUN_TASKS = frozenset({TASK_EXECUTE_JOB, TASK_RESUME_JOB})
 STEP, RUN = "step", "run"
 MAX_DELIVERIES = 3  # a step whose worker keeps dying is failed rather than retried forever
 FENCE_CHECK_SECONDS = 0.25
+DELIVERY_SEP = "#"  # in a delivery key: <task id>#<delivery token>
 
 # A reply list outlives its run only by this much: its orchestrator deletes it when done, and a
 # script may re-create it after that (a late revoke or lost worker), so it must expire.
@@ -305,9 +306,11 @@ class RedisLeaseBroker(AsyncBroker):
 
     ``queues`` are the queues this process consumes (in the order given: on equal priority the
     earlier queue wins) and ``kind`` whether it takes steps or runs; a client that only submits
-    can leave the defaults. ``on_cancel`` is called with a task id when the orchestrator asks to
-    stop a task this process runs, ``on_lost`` when its lease was lost to another worker,
-    ``on_renewed`` with a step's fence deadline (monotonic) each time its lease is renewed.
+    can leave the defaults. The worker's hooks are called with a delivery key (see
+    :meth:`delivery`): ``on_cancel`` when the orchestrator asks to stop a task this process
+    runs, ``on_lost`` when its lease was lost (to another worker, or to a newer delivery of
+    the task to this one), ``on_renewed`` with a step's fence deadline (monotonic) each time
+    its lease is renewed.
     """
 
     def __init__(
@@ -505,6 +508,10 @@ class RedisLeaseBroker(AsyncBroker):
                 await backoff.wait()
                 continue
             task_id, body, token = claimed[0].decode(), claimed[1], int(claimed[2])
+            if self._held.get(task_id, token) != token:
+                # Taken again while we still counted the earlier delivery ours (we were
+                # frozen past its lease): that one is lost, whatever notice is still on its way.
+                self._lose(task_id, "Lost the lease on task %s (this worker took it again).")
             self._held[task_id] = token
             self._renew(task_id, float(claimed[3]), claim_asked)
             if self.metrics is not None:
@@ -512,6 +519,17 @@ class RedisLeaseBroker(AsyncBroker):
                 self.metrics.claimed(task_id, queue_names.get(zset, zset), self.kind, token,
                                      int(claimed[5]) / 1000)
             yield AckableMessage(data=body, ack=partial(self._ack, task_id, token))
+
+    def delivery(self, task_id: str) -> str:
+        """The key of our current delivery of ``task_id`` (its id and delivery token): what
+        the worker's hooks are called with, so a notice about one delivery never touches a
+        later one of the same task (a worker frozen past a lease may take its task again)."""
+        token = self._held.get(task_id)
+        return task_id if token is None else f"{task_id}{DELIVERY_SEP}{token}"
+
+    def deliveries(self) -> dict[str, str]:
+        """Task id -> delivery key, for every task we hold."""
+        return {task_id: self.delivery(task_id) for task_id in self._held}
 
     async def release_held(self) -> list[str]:
         """Hand every task we hold back (see ``lua/release.lua``); returns their ids."""
@@ -561,18 +579,22 @@ class RedisLeaseBroker(AsyncBroker):
             self.metrics.expired(task_id)
         self._forget(task_id)
 
-    def give_up_lease(self, task_id: str) -> None:
-        """Stop renewing a task's lease without acknowledging it (its process stopped itself
-        at its fence): once the lease runs out the task goes back to its queue (if it is not
-        another worker's already). A process stops itself only past its fence, so a lease
-        renewed since then is a newer delivery of the task (this worker took it again while
-        the notice was on its way): that one is kept."""
-        renewed = self._renewed.get(task_id)
-        if renewed is not None:
-            lease, at = renewed
-            if time.monotonic() - at < lease - fence_margin(lease):
-                return
+    def give_up_lease(self, delivery: str) -> None:
+        """Stop renewing a delivery's lease without acknowledging it (its process stopped
+        itself at its fence): once the lease runs out the task goes back to its queue (if it
+        is not another worker's already). A later delivery of the task is not touched."""
+        task_id, _, token = delivery.partition(DELIVERY_SEP)
+        if token and str(self._held.get(task_id)) == token:
+            self._expired(task_id)
+
+    def _lose(self, task_id: str, message: str) -> None:
+        """Our delivery of ``task_id`` is no longer ours: say so (``message`` takes the id),
+        count it, forget it, stop it."""
+        delivery = self.delivery(task_id)
+        logger.error(message, task_id)
         self._expired(task_id)
+        if self.on_lost is not None:
+            self.on_lost(delivery)
 
     # -- leases -----------------------------------------------------------------------------
     def _renew(self, task_id: str, lease: float, at: float) -> None:
@@ -581,7 +603,7 @@ class RedisLeaseBroker(AsyncBroker):
         than ours, so it acts only when this process cannot (frozen, stalled)."""
         self._renewed[task_id] = (lease, at)
         if self.on_renewed is not None and self.kind == STEP:
-            self.on_renewed(task_id, at + lease - fence_margin(lease) / 2)
+            self.on_renewed(self.delivery(task_id), at + lease - fence_margin(lease) / 2)
 
     def _heartbeat_interval(self) -> float:
         if self.heartbeat_seconds is not None:
@@ -621,11 +643,8 @@ class RedisLeaseBroker(AsyncBroker):
         for task_id, (lease, renewed) in list(self._renewed.items()):
             if now - renewed < lease - fence_margin(lease):
                 continue
-            logger.error("Could not renew the lease on task %s for %.1f s (lease %.1f s): "
-                         "stopping it; it goes back to its queue.", task_id, now - renewed, lease)
-            self._expired(task_id)
-            if self.on_lost is not None:
-                self.on_lost(task_id)
+            self._lose(task_id, f"Could not renew the lease on task %s for {now - renewed:.1f} s "
+                                f"(lease {lease:.1f} s): stopping it; it goes back to its queue.")
 
     async def _fence_loop(self) -> None:
         """Checks the leases on its own clock: a heartbeat stuck on a stalled server must not
@@ -648,15 +667,11 @@ class RedisLeaseBroker(AsyncBroker):
                 await backoff.wait()
                 continue
             for task_id in lost:
-                logger.error(
-                    "Lost the lease on task %s (it was handed to another worker).", task_id
-                )
-                self._expired(task_id)
-                if self.on_lost is not None:
-                    self.on_lost(task_id)
+                self._lose(task_id,
+                           "Lost the lease on task %s (it was handed to another worker).")
             for task_id in cancelled:
-                if self.on_cancel is not None:
-                    self.on_cancel(task_id)
+                if self.on_cancel is not None and task_id in self._held:
+                    self.on_cancel(self.delivery(task_id))
 
     # -- inspection (CLI, tests) ------------------------------------------------------------
     async def queued_task_ids(self, queue: str, kind: str = STEP) -> list[str]:

@@ -22,6 +22,7 @@ from dagster_taskiq.config import DEFAULT_KEY_PREFIX as P
 from tests.conftest import start_redis, sync_redis, wait_for
 from tests.e2e.conftest import alive
 from tests.executor.conftest import REPO_FILE, run_config, worker_env
+from tests.executor.consumer import make_broker
 from tests.executor.test_broker import client, consumers, trace  # noqa: F401 (fixtures)
 from tests.executor.test_faults import _run_in_thread, _starts, _worker_running
 
@@ -295,6 +296,41 @@ def test_a_claim_whose_reply_was_lost_gets_the_same_task_back(client, broker_url
     assert first[2] == again[2] == 1, "the same delivery, not a second one"
     other = [*claim[:-1], f"{P}:claim:attempt-2"]
     assert client.loop.run_until_complete(broker._run("claim", other, args)) is None
+
+
+def test_a_task_taken_again_after_a_freeze_is_not_stopped_by_news_of_its_first_delivery(
+        client, broker_url):  # noqa: F811
+    """A worker frozen past a lease may, once it resumes, take the same task again before it
+    has heard that its first delivery was lost. The runner knows each delivery by its own key
+    (``<id>#<token>``): before, it knew both by the task id, so the late notice of the first
+    (lost lease, a step stopped at its fence) handed the second back too, which then lost its
+    lease as well (found by the metrics test counting two expiries for one freeze)."""
+    sent = client.send("twice", lease=0.5)
+    consumer = make_broker(broker_url, ["dagster"], "frozen@h:1")
+    lost: list[str] = []
+    consumer.on_lost = lost.append
+    loop = client.loop
+    messages = consumer.listen()
+    try:
+        loop.run_until_complete(anext(messages))
+        assert consumer.delivery(sent) == f"{sent}#1"
+        time.sleep(0.8)  # "frozen": no heartbeat, the lease runs out
+        assert loop.run_until_complete(client.broker.reap()) == [sent]
+        loop.run_until_complete(anext(messages))  # resumed: it takes the task again
+        assert consumer.delivery(sent) == f"{sent}#2"
+        assert lost == [f"{sent}#1"], "the first delivery is over, and only that one"
+        # The first delivery's step reports it stopped itself at its fence: too late to touch
+        # the second, which keeps being renewed.
+        consumer.give_up_lease(f"{sent}#1")
+        assert loop.run_until_complete(consumer.heartbeat()) == ([], [])
+        consumer._fence()
+        assert lost == [f"{sent}#1"] and consumer.delivery(sent) == f"{sent}#2"
+        assert sync_redis(broker_url).hget(f"{P}:task:{sent}", "holder") == b"frozen@h:1"
+        consumer.give_up_lease(f"{sent}#2")  # its own notice does end it
+        assert consumer.delivery(sent) == sent and not consumer._held
+    finally:
+        loop.run_until_complete(messages.aclose())
+        loop.run_until_complete(consumer.shutdown())
 
 
 def test_a_reply_list_recreated_after_its_run_expires(client, broker_url):  # noqa: F811

@@ -91,6 +91,31 @@ def test_a_task_stopped_before_it_reaches_the_zygote_never_forks(tmp_path: Path,
     assert not ran.exists()
 
 
+def test_two_deliveries_of_one_task_keep_their_own_fence_and_stop(tmp_path: Path):
+    """A worker that took a task again (its first delivery's lease lapsed while it was
+    frozen) runs both for a moment: the first one's end, and a late hand-back of it, must not
+    take the second's control page (its fence would no longer be renewed) or stop it."""
+    second = tmp_path / "second"
+
+    async def scenario(runner: ZygoteRunner) -> dict:
+        first = asyncio.create_task(
+            runner.run("t#1", f"{ENTRIES}:sleeper", {"seconds": 0.5}, "first"))
+        while not runner.task_ids:
+            await asyncio.sleep(0.01)
+        runner.set_fence("t#2", time.monotonic() + 1.0)
+        running = asyncio.create_task(runner.run(
+            "t#2", f"{ENTRIES}:sleeper", {"seconds": 2.5, "marker": str(second)}, "second"))
+        await first
+        runner.release("t#1")  # the late notice about the first delivery
+        for _ in range(6):  # the second's lease is renewed past its first fence
+            runner.set_fence("t#2", time.monotonic() + 1.0)
+            await asyncio.sleep(0.5)
+        return await running
+
+    outcome = _with_runner(scenario)
+    assert not outcome["crashed"] and second.read_text() == str(outcome["pid"])
+
+
 def test_a_cancel_repeated_by_every_heartbeat_reaches_the_task_once(tmp_path: Path):
     """The heartbeat reports a cancelled task every second until it ends; tools such as dbt
     take a second SIGINT as "force quit", so only the first is delivered, then SIGKILL after

@@ -30,7 +30,7 @@ class StepRunner(Protocol):
     body, which runs somewhere (inline, or in a forked child) and returns its outcome.
     ``label`` says what it is (for the worker registry and logs)."""
 
-    def run(self, task_id: str, entry: str, kwargs: dict[str, Any], label: str,
+    def run(self, delivery: str, entry: str, kwargs: dict[str, Any], label: str,
             kind: str = STEP) -> Awaitable[StepOutcome]: ...
 
 
@@ -38,7 +38,7 @@ class InlineStepRunner:
     """Eager mode: the task runs in this (the orchestrating) process, on a thread of its own
     because Dagster runs its own event loop inside step execution."""
 
-    async def run(self, task_id: str, entry: str, kwargs: dict[str, Any], label: str,
+    async def run(self, delivery: str, entry: str, kwargs: dict[str, Any], label: str,
                   kind: str = STEP) -> StepOutcome:
         from dagster_taskiq.worker.zygote import resolve
 
@@ -47,6 +47,14 @@ class InlineStepRunner:
         except Exception:
             return error_outcome()
         return await asyncio.to_thread(body)
+
+
+def _delivery(context: Context) -> str:
+    """What the runner knows this task by: the broker's key for this delivery of it (a worker
+    may get the same task again), or its id where the broker has none (eager mode)."""
+    task_id = context.message.task_id
+    delivery = getattr(context.broker, "delivery", None)
+    return delivery(task_id) if delivery is not None else task_id
 
 
 def _worker_name(context: Context) -> str:
@@ -70,7 +78,7 @@ async def execute_plan(
     kwargs = {"step_args": step_args, "job_pointer": job_pointer,
               "worker": _worker_name(context), "task_id": task_id,
               "code_version": code_version}
-    return await runner.run(task_id, STEP_ENTRY, kwargs,
+    return await runner.run(_delivery(context), STEP_ENTRY, kwargs,
                             f"step {keys} of run {args.run_id}", STEP)
 
 
@@ -78,7 +86,7 @@ async def _run_task(run_args: str, resume: bool, context: Context) -> StepOutcom
     runner: StepRunner = context.state.step_runner
     run_id = deserialize_value(run_args, (ExecuteRunArgs, ResumeRunArgs)).run_id
     verb = "resume" if resume else "run"
-    return await runner.run(context.message.task_id, RUN_ENTRY,
+    return await runner.run(_delivery(context), RUN_ENTRY,
                             {"run_args": run_args, "resume": resume}, f"{verb} {run_id}", RUN)
 
 

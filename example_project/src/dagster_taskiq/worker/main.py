@@ -185,8 +185,9 @@ async def run_worker(options: WorkerOptions) -> None:
             logger.warning("Handing %d unfinished task(s) back to their queues.",
                            len(runner.task_ids))
             for consumer in consumers:
+                deliveries = consumer.deliveries()
                 for task_id in await consumer.release_held():
-                    runner.release(task_id)
+                    runner.release(deliveries[task_id])
         # Released tasks end within moments; anything still listening is told to stop.
         _, pending = await asyncio.wait(listening, timeout=KILL_GRACE_SECONDS)
         for task in pending:

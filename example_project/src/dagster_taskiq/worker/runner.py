@@ -5,7 +5,9 @@ It hands each task to its zygote (:mod:`~dagster_taskiq.worker.zygote`), which f
 clean, warm process, and it keeps, per task, a control page shared with the task's child: the
 lease-fence deadline (renewed with the lease; the child stops itself when it passes) and a stop
 flag, so a task released or cancelled before its fork never forks, and one stopped between its
-fork and its first instruction never runs.
+fork and its first instruction never runs. Tasks are known by their delivery key (the broker's
+``<task id>#<token>``): a worker frozen past a lease may take the same task again, and notices
+about the earlier delivery must not touch the later one.
 
 The zygote is replaced when its code is stale: a tracked file changed (checked before every
 task, and every few seconds while idle, so the next run starts warm), or a task was planned
@@ -206,15 +208,16 @@ class ZygoteRunner:
         self._current: _Generation | None = None
         self._starting: asyncio.Task[_Generation] | None = None
         self._old: list[_Generation] = []
-        self._children: dict[str, _Child] = {}  # task id -> its forked child
-        self._pages: dict[str, mmap.mmap] = {}  # task id -> its control page (while it lives)
+        # Keyed by delivery key (see the module docstring).
+        self._children: dict[str, _Child] = {}  # its forked child
+        self._pages: dict[str, mmap.mmap] = {}  # its control page (while it lives)
         # Stopped before they reached the zygote (remembered a while; ids are unique).
         self._stop_before_fork: dict[str, str] = {}
         self._deadlines: dict[str, float] = {}  # fences renewed before the task started
         self._tried: set[str] = set()  # stale reasons a new zygote did not cure
         self._checks = 0
         self._watching: asyncio.Task[None] | None = None
-        self.on_fenced: Any = None  # told when a step stopped itself at its fence
+        self.on_fenced: Any = None  # told (delivery key) when a step stopped itself at its fence
         self.loaded_in = 0.0  # seconds the last zygote took to load the code
 
     # -- zygotes ----------------------------------------------------------------------------
@@ -300,40 +303,40 @@ class ZygoteRunner:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    def set_fence(self, task_id: str, deadline: float) -> None:
-        """The lease of ``task_id`` was renewed: its process must be gone by ``deadline``
+    def set_fence(self, delivery: str, deadline: float) -> None:
+        """The lease of ``delivery`` was renewed: its process must be gone by ``deadline``
         (monotonic) unless renewed again. The child watches this itself, so it stops in time
         even when this process is frozen or stalled and cannot stop it."""
-        page = self._pages.get(task_id)
+        page = self._pages.get(delivery)
         if page is not None:
             write_deadline(page, deadline)
             return
-        self._deadlines[task_id] = deadline  # not started yet (or just ended: bounded below)
+        self._deadlines[delivery] = deadline  # not started yet (or just ended: bounded below)
         _bound(self._deadlines)
 
-    async def run(self, task_id: str, entry: str, kwargs: dict[str, Any], label: str,
+    async def run(self, delivery: str, entry: str, kwargs: dict[str, Any], label: str,
                   kind: str = STEP) -> StepOutcome:
         """Prepare ``entry(**kwargs)`` in the zygote and run what it returns in a child."""
-        stopped = self._stop_before_fork.pop(task_id, None)
-        deadline = self._deadlines.pop(task_id, None)
+        stopped = self._stop_before_fork.pop(delivery, None)
+        deadline = self._deadlines.pop(delivery, None)
         if stopped is not None:
-            return _stopped_early(task_id, label, stopped)
-        fd = os.memfd_create(f"dagster-taskiq-{task_id}", os.MFD_CLOEXEC)
+            return _stopped_early(delivery, label, stopped)
+        fd = os.memfd_create(f"dagster-taskiq-{delivery}", os.MFD_CLOEXEC)
         os.ftruncate(fd, PAGE_SIZE)
-        page = self._pages[task_id] = mmap.mmap(fd, PAGE_SIZE)
+        page = self._pages[delivery] = mmap.mmap(fd, PAGE_SIZE)
         write_deadline(page, deadline if kind == STEP and deadline is not None else float("inf"))
         try:
-            started = await self._fork(task_id, entry, dict(kwargs), label, kind, fd, page)
+            started = await self._fork(delivery, entry, dict(kwargs), label, kind, fd, page)
             if isinstance(started, dict):
                 return started
             generation, read_fd, pid = started
-            return await self._follow(task_id, label, kind, generation, read_fd, pid, page)
+            return await self._follow(delivery, label, kind, generation, read_fd, pid, page)
         finally:
             os.close(fd)
-            self._pages.pop(task_id, None)
+            self._pages.pop(delivery, None)
             page.close()
 
-    async def _fork(self, task_id: str, entry: str, kwargs: dict[str, Any], label: str,
+    async def _fork(self, delivery: str, entry: str, kwargs: dict[str, Any], label: str,
                     kind: str, page_fd: int, page: mmap.mmap
                     ) -> StepOutcome | tuple[_Generation, int, int]:
         stale_ok = False
@@ -345,7 +348,7 @@ class ZygoteRunner:
             read_fd, write_fd = os.pipe()
             try:
                 reply = await generation.request(
-                    {"op": "task", "id": task_id, "entry": entry, "kwargs": kwargs,
+                    {"op": "task", "id": delivery, "entry": entry, "kwargs": kwargs,
                      "kind": kind, "stale_ok": stale_ok}, [write_fd, page_fd])
             except ZygoteFailed as failed:
                 os.close(read_fd)
@@ -357,7 +360,7 @@ class ZygoteRunner:
                 return generation, read_fd, reply["pid"]
             os.close(read_fd)
             if "stopped" in reply:
-                return _stopped_early(task_id, label, "released" if reply["stopped"] == "r"
+                return _stopped_early(delivery, label, "released" if reply["stopped"] == "r"
                                       else "cancelled")
             if "outcome" in reply:
                 # Said here too: the orchestrator records it as the step's failure, but
@@ -365,7 +368,7 @@ class ZygoteRunner:
                 # sees it first.
                 outcome = reply["outcome"]
                 error = deserialize_value(outcome["error"], SerializableErrorInfo)
-                logger.error("Task %s: could not prepare its %s (%s):\n%s", task_id, kind,
+                logger.error("Task %s: could not prepare its %s (%s):\n%s", delivery, kind,
                              label, error.to_string().strip())
                 return outcome
             # Stale: planned from other code, or a source file changed since it was loaded.
@@ -377,7 +380,7 @@ class ZygoteRunner:
                 continue
             self._tried.add(key)
             _bound_set(self._tried)
-            logger.warning("Task %s: %s; loading the code again.", task_id, reply["reason"])
+            logger.warning("Task %s: %s; loading the code again.", delivery, reply["reason"])
             try:
                 await self._replace([])
             except ZygoteFailed as failed:
@@ -386,90 +389,90 @@ class ZygoteRunner:
         return _failure_outcome("The worker could not settle on one version of the code",
                                 "its zygote kept reporting it stale")
 
-    async def _follow(self, task_id: str, label: str, kind: str, generation: _Generation,
+    async def _follow(self, delivery: str, label: str, kind: str, generation: _Generation,
                       read_fd: int, pid: int, page: mmap.mmap) -> StepOutcome:
         grace = RUN_KILL_GRACE_SECONDS if kind == RUN else KILL_GRACE_SECONDS
-        child = self._children[task_id] = _Child(pid, label, grace, kind)
-        logger.info("Task %s: %s (child %d).", task_id, label, pid)
+        child = self._children[delivery] = _Child(pid, label, grace, kind)
+        logger.info("Task %s: %s (child %d).", delivery, label, pid)
         # Stopped between the zygote's last look and now: deliver it.
         stop = read_stop(page)
         if stop == RELEASED:
-            self.release(task_id)
+            self.release(delivery)
         elif stop == CANCELLED:
-            self.kill(task_id)
+            self.kill(delivery)
         try:
             data = await _read_all(read_fd)
             outcome = _parse(data)
             if outcome is not None and not child.released:
                 if outcome.get("skipped"):
-                    logger.warning("Task %s: not running %s: its run is %s.", task_id, label,
+                    logger.warning("Task %s: not running %s: its run is %s.", delivery, label,
                                    outcome["skipped"])
                 else:
                     logger.info("Task %s finished in %.3f s (child %d).",
-                                task_id, time.time() - child.started, pid)
+                                delivery, time.time() - child.started, pid)
                 return outcome
             status = await generation.exit_of(pid)
             exit_code = -signal.SIGKILL if status is None else os.waitstatus_to_exitcode(status)
             fenced = (kind == STEP and exit_code == -signal.SIGKILL
                       and time.monotonic() > read_deadline(page))
         finally:
-            self._children.pop(task_id, None)
+            self._children.pop(delivery, None)
             generation.followed.discard(pid)
             generation.exits.pop(pid, None)
         logger.info("Task %s ended in %.3f s (child %d, exit %d).",
-                    task_id, time.time() - child.started, pid, exit_code)
+                    delivery, time.time() - child.started, pid, exit_code)
         if fenced and not child.released:
             # It stopped itself: its lease was not renewed in time (this process was frozen
             # or cut off). Not a crash: the task is another worker's now, or will be.
             logger.error("Task %s stopped itself: its lease was not renewed in time; it goes "
-                         "back to its queue.", task_id)
+                         "back to its queue.", delivery)
             if self.on_fenced is not None:
-                self.on_fenced(task_id)
+                self.on_fenced(delivery)
             child.released = True
         if child.released:
             raise NoResultError  # handed back to the queue: another worker will answer
         return _crash_outcome(pid, exit_code)
 
-    def _stop_early(self, task_id: str, flag: bytes, how: str) -> None:
-        page = self._pages.get(task_id)
+    def _stop_early(self, delivery: str, flag: bytes, how: str) -> None:
+        page = self._pages.get(delivery)
         if page is not None:  # with the zygote, not forked yet: it never will
             if read_stop(page) != RELEASED:  # a hand-back wins over a cancel
                 page[STOP_OFFSET:STOP_OFFSET + 1] = flag
             return
-        if self._stop_before_fork.get(task_id) != "released":
-            self._stop_before_fork[task_id] = how
+        if self._stop_before_fork.get(delivery) != "released":
+            self._stop_before_fork[delivery] = how
         _bound(self._stop_before_fork)
 
-    def kill(self, task_id: str, grace: float | None = None) -> None:
+    def kill(self, delivery: str, grace: float | None = None) -> None:
         """Stop a task: SIGINT its process group once (a second SIGINT means "force quit" to
         tools such as dbt), SIGKILL after its grace; ``grace=0`` kills at once."""
-        child = self._children.get(task_id)
+        child = self._children.get(delivery)
         if child is None:
-            self._stop_early(task_id, CANCELLED, "cancelled")
+            self._stop_early(delivery, CANCELLED, "cancelled")
             return
         if grace is None and child.cancelling:
             return  # the heartbeat repeats the request every second: it was delivered
-        logger.warning("Stopping task %s (%s, child %d).", task_id, child.label, child.pid)
+        logger.warning("Stopping task %s (%s, child %d).", delivery, child.label, child.pid)
         grace = child.grace if grace is None else grace
         if grace <= 0:
             _signal(child.pid, signal.SIGKILL)
             return
         child.cancelling = True
         _signal(child.pid, signal.SIGINT)
-        asyncio.get_running_loop().call_later(grace, self._force_kill, task_id, child.pid)
+        asyncio.get_running_loop().call_later(grace, self._force_kill, delivery, child.pid)
 
-    def release(self, task_id: str) -> None:
+    def release(self, delivery: str) -> None:
         """Kill the task at once and give no result (its message goes back to the queue); one
         not forked yet never forks."""
-        child = self._children.get(task_id)
+        child = self._children.get(delivery)
         if child is None:
-            self._stop_early(task_id, RELEASED, "released")
+            self._stop_early(delivery, RELEASED, "released")
             return
         child.released = True
-        self.kill(task_id, grace=0)
+        self.kill(delivery, grace=0)
 
-    def _force_kill(self, task_id: str, pid: int) -> None:
-        child = self._children.get(task_id)
+    def _force_kill(self, delivery: str, pid: int) -> None:
+        child = self._children.get(delivery)
         if child is not None and child.pid == pid:
             _signal(pid, signal.SIGKILL)
 
@@ -479,13 +482,13 @@ class ZygoteRunner:
 
     @property
     def task_ids(self) -> list[str]:
-        return list(self._children)
+        return [delivery.partition("#")[0] for delivery in self._children]
 
     def describe(self) -> list[dict[str, object]]:
         return [
-            {"task_id": task_id, "what": child.label, "kind": child.kind, "pid": child.pid,
-             "started": child.started}
-            for task_id, child in self._children.items()
+            {"task_id": delivery.partition("#")[0], "what": child.label, "kind": child.kind,
+             "pid": child.pid, "started": child.started}
+            for delivery, child in self._children.items()
         ]
 
 
@@ -505,11 +508,11 @@ def _bound_set(seen: set[str], size: int = 10_000) -> None:
         seen.clear()
 
 
-def _stopped_early(task_id: str, label: str, how: str) -> StepOutcome:
+def _stopped_early(delivery: str, label: str, how: str) -> StepOutcome:
     if how == "released":
-        logger.info("Task %s: handed back before it started (%s).", task_id, label)
+        logger.info("Task %s: handed back before it started (%s).", delivery, label)
         raise NoResultError
-    logger.info("Task %s: cancelled before it started (%s).", task_id, label)
+    logger.info("Task %s: cancelled before it started (%s).", delivery, label)
     return {"events": [], "error": None, "crashed": False, "skipped": "canceling"}
 
 
