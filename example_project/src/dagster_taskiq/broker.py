@@ -64,6 +64,7 @@ from dagster_taskiq.config import (
     mask_url,
     parse_redis_url,
 )
+from dagster_taskiq.replication import ReplicaConfirmation
 
 logger = logging.getLogger("dagster_taskiq.broker")
 
@@ -339,6 +340,7 @@ class RedisLeaseBroker(AsyncBroker):
         self.on_crash: Callable[[str, BaseException], None] | None = None
         self.metrics: LeaseMetrics | None = None
         self._redis: aioredis.Redis | None = None
+        self._confirmation: ReplicaConfirmation | None = None  # Sentinel URLs only
         self._held: dict[str, int] = {}  # task id -> delivery token, for leases we hold
         # task id -> (lease seconds, monotonic time before the last claim/heartbeat that
         # renewed it): the lease runs at least until then + lease, whatever Redis did since.
@@ -365,6 +367,8 @@ class RedisLeaseBroker(AsyncBroker):
     def redis(self) -> aioredis.Redis:
         if self._redis is None:
             self._redis = redis_client(self.settings.broker_url, self.settings)
+            if parse_redis_url(self.settings.broker_url).kind == "sentinel":
+                self._confirmation = ReplicaConfirmation(self._redis)
             self._scripts = {
                 name: self._redis.register_script(source) for name, source in SCRIPTS.items()
             }
@@ -373,6 +377,24 @@ class RedisLeaseBroker(AsyncBroker):
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         _ = self.redis
         return await self._scripts[script](keys=list(keys), args=list(args))
+
+    async def _run_confirmed(self, script: str, keys: Sequence[str],
+                             args: Sequence[Any]) -> tuple[Any, bool]:
+        """Run a script that hands out work (a claim, a renewal); with a Sentinel URL, also
+        ask a replica to confirm it on the same connection (see ``replication.py``). Returns
+        its result and whether it counts."""
+        _ = self.redis
+        confirmation = self._confirmation
+        if confirmation is None:
+            return await self._run(script, keys, args), True
+        await confirmation.refresh()
+        if not confirmation.required():
+            return await self._run(script, keys, args), True
+        pipe = self.redis.pipeline(transaction=False)
+        await self._scripts[script](keys=list(keys), args=list(args), client=pipe)
+        pipe.execute_command(*confirmation.wait_command())
+        result, replicas = await pipe.execute()
+        return result, int(replicas) >= 1
 
     # -- lifecycle --------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -489,7 +511,7 @@ class RedisLeaseBroker(AsyncBroker):
                 await self.reap_if_due()
                 # From the first attempt of this claim: a retry may return what that one got.
                 asked = asked or time.monotonic()
-                claimed = await self._run(
+                claimed, confirmed = await self._run_confirmed(
                     "claim",
                     [self._key("leases"), *queue_keys, *wake_keys, self._key("claim", claim_id)],
                     [self.holder, self.settings.key_prefix, len(queue_keys)],
@@ -499,6 +521,11 @@ class RedisLeaseBroker(AsyncBroker):
                 if claimed is None:
                     await self.redis.blpop(wake_keys, timeout=self.block_seconds)
                     backoff.reset()
+                    continue
+                if not confirmed:
+                    # A failover may be losing it: never run it (see replication.py).
+                    await self._hand_back(claimed[0].decode(), int(claimed[2]))
+                    await backoff.wait()
                     continue
                 backoff.reset()
             except REDIS_ERRORS as exc:
@@ -536,14 +563,27 @@ class RedisLeaseBroker(AsyncBroker):
         held = dict(self._held)
         if not held:
             return []
-        keys = [self._key("leases"), *(self.task_key(t) for t in held)]
-        args: list[Any] = [self.holder, REPLY_TTL_SECONDS]
-        for task_id, token in held.items():
-            args += [task_id, token]
-        released = [i.decode() for i in await self._run("release", keys, args)]
+        released = await self._release(held, keep_runs=False)
         for task_id in released:
             self._forget(task_id)
         return released
+
+    async def _release(self, held: dict[str, int], keep_runs: bool) -> list[str]:
+        keys = [self._key("leases"), *(self.task_key(t) for t in held)]
+        args: list[Any] = [self.holder, REPLY_TTL_SECONDS, int(keep_runs)]
+        for task_id, token in held.items():
+            args += [task_id, token]
+        return [i.decode() for i in await self._run("release", keys, args)]
+
+    async def _hand_back(self, task_id: str, token: int) -> None:
+        """Give back a claim no replica confirmed, run or step, as if never taken. If this
+        write is lost too (the old primary's data), the new primary has the task queued."""
+        if self._confirmation is not None:
+            self._confirmation.unconfirmed("claim")
+        try:
+            await self._release({task_id: token}, keep_runs=True)
+        except REDIS_ERRORS as exc:
+            logger.debug("Could not hand back unconfirmed claim of %s: %r", task_id, exc)
 
     async def _ack(self, task_id: str, token: int) -> None:
         """Acknowledge (delete) a task this process still holds. One it no longer holds (lost
@@ -620,12 +660,16 @@ class RedisLeaseBroker(AsyncBroker):
         args: list[Any] = [self.holder]
         for task_id, token in held.items():
             args += [task_id, token]
-        lost, cancelled = await self._run("heartbeat", keys, args)
+        (lost, cancelled), confirmed = await self._run_confirmed("heartbeat", keys, args)
         # Only the deliveries this heartbeat was about: one taken again meanwhile (a newer
         # token) is not lost.
         lost = [t for t in (i.decode() for i in lost) if self._held.get(t) == held.get(t)]
+        if not confirmed and self._confirmation is not None:
+            # Renewed where a failover may lose it: the fence keeps counting from the last
+            # renewal a replica confirmed.
+            self._confirmation.unconfirmed("lease renewal")
         for task_id in held.keys() - set(lost):
-            if task_id in self._renewed:
+            if confirmed and task_id in self._renewed:
                 self._renew(task_id, self._renewed[task_id][0], sent)
                 if self.metrics is not None:
                     self.metrics.renewed(task_id)

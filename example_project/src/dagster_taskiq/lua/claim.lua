@@ -29,6 +29,8 @@ if prior then
   local task = ARGV[2] .. ':task:' .. prior
   local f = redis.call('HMGET', task, 'holder', 'body', 'token', 'lease', 'zset', 'enqueued_ms')
   if f[1] == ARGV[1] then
+    -- A write, so a WAIT after this retry confirms that the claim reached a replica.
+    redis.call('EXPIRE', claim, 60)
     return {prior, f[2], tonumber(f[3]), f[4], f[5], now_ms - tonumber(f[6] or now_ms)}
   end
 end
