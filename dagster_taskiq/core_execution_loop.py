@@ -177,9 +177,13 @@ def core_taskiq_execution_loop(
     except BrokerUnavailable as exc:
         client.close()
         raise DagsterInvariantViolationError(str(exc)) from None
+    from dagster_taskiq.connections import orchestrating
+
     try:
 
         with (
+            # Its event writes (one before each submit) hold their connection meanwhile.
+            orchestrating(plan_context.instance),
             InstanceConcurrencyContext(plan_context.instance, run) as concurrency,
             execution_plan.start(
                 retry_mode=executor.retries,

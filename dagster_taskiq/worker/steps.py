@@ -29,10 +29,10 @@ from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs, ResumeRunArgs
 from dagster._serdes import deserialize_value, serialize_value
 
+from dagster_taskiq.connections import run_has_ended, share_connections
 from dagster_taskiq.event_log import QUEUE_WAIT_MARKER, TASK_ID_METADATA
 from dagster_taskiq.worker.code import StaleCode, code_version
 from dagster_taskiq.worker.outcome import StepOutcome, error_outcome
-from dagster_taskiq.worker.storage import run_has_ended, share_connections
 
 # Modules Dagster imports lazily while executing a step or a run: imported once in the zygote,
 # so that forked tasks do not each pay for it.

@@ -277,7 +277,7 @@ class Zygote:
             while payload:
                 payload = payload[os.write(write_fd, payload):]
             os.close(write_fd)  # EOF for the worker now, not after this process is torn down
-            from dagster_taskiq.worker.storage import release_connections
+            from dagster_taskiq.connections import release_connections
 
             release_connections()  # closing a database can checkpoint it: after the reply
         except BaseException:

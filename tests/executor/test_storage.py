@@ -1,4 +1,4 @@
-"""A step's process holds its database connections between events (worker/storage.py), yet
+"""A step's process holds its database connections between events (connections.py), yet
 each event is committed as it happens: another process sees it while the step still runs, and
 asset records (Dagster's index, written in a transaction of their own on PostgreSQL) are kept.
 On Dagster's sqlite storage (the default instance) and on PostgreSQL."""
@@ -92,7 +92,7 @@ def test_a_held_connection_is_reused_replaced_when_idle_and_never_nested(tmp_pat
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
-    from dagster_taskiq.worker import storage
+    from dagster_taskiq import connections as storage
 
     engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'held.db'}", poolclass=NullPool)
     connections = storage._Connections()
@@ -109,3 +109,35 @@ def test_a_held_connection_is_reused_replaced_when_idle_and_never_nested(tmp_pat
         assert fresh is not first and first.closed
     connections.release()
     assert fresh.closed
+
+
+def test_an_orchestrator_holds_its_connections_on_its_own_thread_while_it_orchestrates(
+        tmp_path: Path):
+    """The orchestrator writes an event before each submit: on its thread, while it
+    orchestrates, the run's event log connection is kept from one event to the next (opening
+    and, on sqlite, closing the last one of a WAL database cost more than the write); other
+    threads of the process connect as Dagster does, and nothing stays open afterwards."""
+    import threading
+
+    from dagster._core.test_utils import instance_for_test
+
+    from dagster_taskiq import connections
+
+    with instance_for_test(temp_dir=str(tmp_path)) as instance:
+        events = instance.event_log_storage
+        with connections.orchestrating(instance):
+            with events.run_connection("run-1") as first:
+                pass
+            with events.run_connection("run-1") as second:
+                pass
+            elsewhere: list[bool] = []
+            thread = threading.Thread(
+                target=lambda: elsewhere.append(connections._CONNECTIONS.may_hold))
+            thread.start()
+            thread.join(10)
+            assert second is first and not first.closed
+            assert elsewhere == [False]
+        assert first.closed
+        with events.run_connection("run-1") as after:  # as Dagster: its own, closed after
+            pass
+        assert after is not first and after.closed

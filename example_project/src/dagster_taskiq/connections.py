@@ -11,17 +11,23 @@ connection each time. Here:
 - a forked task holds one connection per database (sqlite file, or the PostgreSQL event log)
   from its first event until its reply is sent (:func:`release_connections`); opening one, and
   for sqlite closing the last one of a WAL database (a checkpoint), cost more than the write.
-  One left idle for ``IDLE_SECONDS`` (a long step) is replaced before its next use.
+  One left idle for ``IDLE_SECONDS`` (a long step) is replaced before its next use;
+- a run's orchestrator does the same while it orchestrates (:func:`orchestrating`): it writes
+  an event before it submits each step, on the critical path of every chain of steps.
 
-Each event is still its own committed write, so the UI sees a step's events as they happen, and
-the zygote itself never holds a connection. Only Dagster's own sqlite and PostgreSQL storages
-are touched, when they have the attributes used here; any other storage is left as it is.
+Connections are held only by the thread that writes a task's or an orchestrator's events (the
+main thread of a forked task, the orchestrating thread); any other thread connects as Dagster
+does. Each event is still its own committed write, so the UI sees a step's events as they
+happen, and the zygote itself never holds a connection. Only Dagster's own sqlite and
+PostgreSQL storages are touched, when they have the attributes used here; any other storage is
+left as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -49,81 +55,110 @@ _ENDED_SQL = sqlalchemy.text(
 
 
 class _Connections:
-    """sqlite engines by URL, and the connections a forked task holds."""
+    """sqlite engines by URL, and the connections each holding thread holds."""
 
     def __init__(self) -> None:
         self._engines: OrderedDict[str, Engine] = OrderedDict()
         self._zygote = os.getpid()  # this module is imported by the zygote
-        self._held: dict[str, Connection] = {}
-        self._held_by = self._zygote
-        self._busy: set[str] = set()  # keys whose connection is in use now
-        self._used: dict[str, float] = {}  # key -> when its connection was last used
+        self._engines_lock = threading.Lock()
+        self._local = threading.local()
 
     def engine(self, url: str) -> Engine:
-        engine = self._engines.get(url)
-        if engine is None:
-            engine = sqlalchemy.create_engine(
-                url, poolclass=NullPool, connect_args={"timeout": BUSY_TIMEOUT_SECONDS})
-            self._engines[url] = engine
-            if len(self._engines) > MAX_ENGINES:
-                self._engines.popitem(last=False)[1].dispose()
-        self._engines.move_to_end(url)
-        return engine
+        with self._engines_lock:
+            engine = self._engines.get(url)
+            if engine is None:
+                engine = sqlalchemy.create_engine(
+                    url, poolclass=NullPool, connect_args={"timeout": BUSY_TIMEOUT_SECONDS})
+                self._engines[url] = engine
+                if len(self._engines) > MAX_ENGINES:
+                    self._engines.popitem(last=False)[1].dispose()
+            self._engines.move_to_end(url)
+            return engine
+
+    def _state(self) -> Any:
+        """This thread's held connections (new in a new thread, and after a fork)."""
+        state = self._local
+        if getattr(state, "pid", None) != os.getpid():
+            state.pid, state.orchestrating = os.getpid(), 0
+            state.held, state.busy, state.used = {}, set(), {}
+        return state
 
     @property
     def may_hold(self) -> bool:
-        """Not in the zygote: nothing open may cross a fork."""
-        return os.getpid() != self._zygote
+        """Only the main thread of a forked task, or an orchestrating thread: nothing open may
+        cross a fork (the zygote), nor be shared between threads."""
+        if self._state().orchestrating:
+            return True
+        return os.getpid() != self._zygote and threading.current_thread() is threading.main_thread()
+
+    @contextmanager
+    def orchestrating(self) -> Iterator[None]:
+        state = self._state()
+        state.orchestrating += 1
+        try:
+            yield
+        finally:
+            state.orchestrating -= 1
+            if not state.orchestrating:
+                self.release()
 
     @contextmanager
     def held(self, key: str, connect: Callable[[], Connection]) -> Iterator[Connection]:
-        """This process's connection for ``key`` (made by ``connect`` the first time); one that
+        """This thread's connection for ``key`` (made by ``connect`` the first time); one that
         failed mid-use is closed, and the next use makes another. A use nested in another
         (Dagster's PostgreSQL storage opens its index connection while the run's is open) gets
         a connection of its own, as Dagster would give it."""
-        if self._held_by != os.getpid():  # a process the task forked: connections of its own
-            self._held, self._held_by, self._busy, self._used = {}, os.getpid(), set(), {}
-        if key in self._busy:
+        state = self._state()
+        if key in state.busy:
             with connect() as conn:
                 yield conn
             return
-        conn = self._held.get(key)
+        conn = state.held.get(key)
         now = time.monotonic()
-        if conn is not None and now - self._used.get(key, now) > IDLE_SECONDS:
+        if conn is not None and now - state.used.get(key, now) > IDLE_SECONDS:
             # Idle for long (a long step between its events): servers and proxies drop idle
             # connections, so take a fresh one as Dagster would.
-            self._held.pop(key, None)
+            state.held.pop(key, None)
             with contextlib.suppress(Exception):
                 conn.close()
             conn = None
         if conn is None or conn.closed or conn.invalidated:
-            conn = self._held[key] = connect()
-        self._busy.add(key)
+            conn = state.held[key] = connect()
+        state.busy.add(key)
         try:
             yield conn
         except BaseException:
-            self._held.pop(key, None)
+            state.held.pop(key, None)
             with contextlib.suppress(Exception):
                 conn.close()
             raise
         finally:
-            self._busy.discard(key)
-            self._used[key] = time.monotonic()
+            state.busy.discard(key)
+            state.used[key] = time.monotonic()
 
     def release(self) -> None:
-        held, self._held = self._held, {}
-        if self._held_by == os.getpid():
-            for conn in held.values():
-                with contextlib.suppress(Exception):
-                    conn.close()
+        state = self._state()
+        held, state.held = state.held, {}
+        for conn in held.values():
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 _CONNECTIONS = _Connections()
 
 
 def release_connections() -> None:
-    """Close what this process holds (a task has sent its reply)."""
+    """Close what this thread holds (a task has sent its reply)."""
     _CONNECTIONS.release()
+
+
+@contextmanager
+def orchestrating(instance: DagsterInstance) -> Iterator[None]:
+    """While a run is orchestrated on this thread: share ``instance``'s connections and hold
+    them (see the module docstring); closed when it is done."""
+    share_connections(instance)
+    with _CONNECTIONS.orchestrating():
+        yield
 
 
 def _sqlite_storages(instance: DagsterInstance) -> tuple[Any, Any] | None:
@@ -167,13 +202,18 @@ def share_connections(instance: DagsterInstance) -> str | None:
     did that for (``"sqlite"``, ``"postgres"``), or None."""
     storages = _sqlite_storages(instance)
     if storages is not None:
-        _share_sqlite(*storages)
+        if not getattr(storages[0], _SHARED, False):
+            _share_sqlite(*storages)
         return "sqlite"
     events = _postgres_event_log(instance)
     if events is not None:
-        _share_postgres(events)
+        if not getattr(events, _SHARED, False):
+            _share_postgres(events)
         return "postgres"
     return None
+
+
+_SHARED = "_dagster_taskiq_shared"  # set on a storage whose connections are shared
 
 
 def _share_sqlite(events: Any, runs: Any) -> None:
@@ -195,11 +235,18 @@ def _share_sqlite(events: Any, runs: Any) -> None:
 
     @contextmanager
     def run_connection() -> Iterator[Connection]:
-        with _CONNECTIONS.engine(runs._conn_string).connect() as conn, conn.begin():
+        url = runs._conn_string
+        engine = _CONNECTIONS.engine(url)
+        if not _CONNECTIONS.may_hold:
+            with engine.connect() as conn, conn.begin():
+                yield conn
+            return
+        with _CONNECTIONS.held(url, engine.connect) as conn, conn.begin():
             yield conn
 
     events._connect = event_connection
     runs.connect = run_connection
+    setattr(events, _SHARED, True)
 
 
 def _share_postgres(events: Any) -> None:
@@ -226,3 +273,4 @@ def _share_postgres(events: Any) -> None:
                 conn.execution_options(isolation_level="AUTOCOMMIT")
 
     events._connect = event_connection
+    setattr(events, _SHARED, True)
