@@ -160,6 +160,7 @@ def test_every_broker_url_is_the_sentinel_form(project: Path,
     assert {name for name, _ in urls} == {
         "worker-dagster", "worker-short", "worker-long", "exporter"}
     values = yaml.safe_load((kube(project) / "helm-values.yaml").read_text())
+    assert not schema_errors(values, "dagster-helm-values-subset.json")
     roles = [values["dagster-user-deployments"]["deployments"][0], values["dagsterWebserver"],
              values["dagsterDaemon"]]
     for role in roles:
