@@ -195,6 +195,15 @@ def code_version(pointer: object) -> str:
 _warmed = False
 
 
+def prepare_fork() -> None:
+    """What a zygote keeps ready for the next task it forks: the S3 clients of
+    :mod:`dagster_taskiq.s3` (when the code loaded uses it; built again when too old)."""
+    s3 = sys.modules.get("dagster_taskiq.s3")
+    if s3 is not None:
+        with contextlib.suppress(Exception):  # a warm-up only: a step builds its own then
+            s3.refresh()
+
+
 def _remember(cls: type, name: str, key: Callable[..., Hashable]) -> None:
     """Memoize ``cls.name`` across instances by ``key(self, *args)`` (calls with keyword
     arguments, which botocore does not make, are passed through); its results must be
