@@ -199,7 +199,7 @@ class Zygote:
         return [serialize_value(repository) for repository in loaded_repositories()]
 
     def _task(self, request: dict[str, Any], write_fd: int, page_fd: int) -> None:
-        from dagster_taskiq.worker.code import StaleCode
+        from dagster_taskiq.worker.code import StaleCode, prepare_fork
         from dagster_taskiq.worker.outcome import error_outcome
 
         task_id = request["id"]
@@ -226,6 +226,7 @@ class Zygote:
                 self.send({"id": task_id, "outcome": error_outcome(), "unprepared": True})
                 return
             self._track()
+            prepare_fork()
             if read_stop(page) != NOT_STOPPED:  # stopped while it was prepared: never fork
                 self.send({"id": task_id, "stopped": read_stop(page).decode()})
                 return

@@ -249,11 +249,11 @@ def chain_job():
         value = add_one.alias(f"chain_{i}")(value)
 
 
-def _s3_io_manager():
+def _s3_io_manager(s3_resource=None):
     from dagster_aws.s3 import S3PickleIOManager, S3Resource
 
     return S3PickleIOManager(
-        s3_resource=S3Resource(endpoint_url=EnvVar("S3_ENDPOINT_URL")),
+        s3_resource=s3_resource or S3Resource(endpoint_url=EnvVar("S3_ENDPOINT_URL")),
         s3_bucket=EnvVar("S3_BUCKET"),
         s3_prefix="taskiq-tests",
     )
@@ -263,6 +263,45 @@ def _s3_io_manager():
 def s3_job():
     value_one, value_two = emit_values()
     subtract(add_one(value_one), add_one.alias("renamed")(value_two))
+
+
+def _prebuilt_s3_resource():
+    """dagster_taskiq.s3's resource, its client built once per zygote (see test_s3.py)."""
+    from dagster_taskiq.s3 import S3Resource, prebuild
+
+    resource = S3Resource(endpoint_url=EnvVar("S3_ENDPOINT_URL"), region_name="us-east-1")
+    prebuild(resource)
+    return resource
+
+
+def _client_report(client) -> dict:
+    return {"zygote": bool(getattr(client, "_dagster_taskiq_zygote", False)),
+            "endpoint": client.meta.endpoint_url, "region": client.meta.region_name}
+
+
+@op(required_resource_keys={"s3"})
+def s3_client_origin(context) -> dict:
+    """The step's first client (made when its ``s3`` resource is set up), used for a request.
+    (Its IO manager, with the same config, builds another: one copy per process.)"""
+    client = context.resources.s3
+    client.list_objects_v2(Bucket=os.environ["S3_BUCKET"], MaxKeys=1)
+    return {"first": _client_report(client), "pid": os.getpid()}
+
+
+@op(required_resource_keys={"io_manager"})
+def s3_client_downstream(context, report: dict) -> dict:
+    """Loaded by the IO manager: the first client of this step (which does not use ``s3``)
+    is the IO manager's, and the read worked."""
+    return {**report, "loader": _client_report(
+        context.resources.io_manager.inner_io_manager().s3), "loader_pid": os.getpid()}
+
+
+@job(executor_def=taskiq_executor, resource_defs={
+    "s3": _prebuilt_s3_resource(),
+    "io_manager": _s3_io_manager(_prebuilt_s3_resource()),
+})
+def s3_prebuilt_job():
+    s3_client_downstream(s3_client_origin())
 
 
 @op

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from dagster import AssetKey, DagsterInstance, execute_job
 from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
 
@@ -187,3 +188,37 @@ def test_a_worker_with_other_code_reloads_once_then_says_so_on_the_run(
         instance.get_runs(limit=1)[0].run_id) if r.dagster_event
         and "runs other code than the run was planned from" in (r.dagster_event.message or "")]
     assert warnings, "the run does not say its steps ran other code"
+
+
+def test_botocore_answers_kept_by_the_zygote_are_the_same_answers():
+    """What ``warm_libraries`` keeps across boto3 sessions are pure answers: event names
+    translate as before (shared only between aliasers with the same table), and a handler
+    without ``**kwargs`` is still refused, every time, while one whose code changes is asked
+    again."""
+    import boto3
+    from botocore import hooks
+
+    from dagster_taskiq.worker.code import warm_libraries
+
+    warm_libraries()
+    first, second = boto3.session.Session(), boto3.session.Session()
+    assert first._session._events._alias_name_cache is second._session._events._alias_name_cache
+    own = hooks.EventAliaser(hooks.HierarchicalEmitter(), {"api.sagemaker": "other"})
+    assert own._alias_name_cache is not first._session._events._alias_name_cache
+    assert own._alias_event_name("before-call.api.sagemaker.X") == "before-call.other.X"
+    assert (first._session._events._alias_name_cache.get("before-call.api.sagemaker.X")
+            != "before-call.other.X")
+    seen = []
+    session = first._session
+    session.register("dt-check.api.sagemaker.Op", lambda **kwargs: seen.append(kwargs))
+    session.emit("dt-check.sagemaker.Op", value=1)  # the alias reaches the same handler
+    assert seen == [{"value": 1, "event_name": "dt-check.sagemaker.Op"}]
+
+    def no_kwargs(value):
+        return value
+
+    for _ in range(2):
+        with pytest.raises(ValueError, match="must accept keyword arguments"):
+            session.register("before-call.s3", no_kwargs)
+    no_kwargs.__code__ = (lambda value, **kwargs: value).__code__
+    session.register("before-call.s3", no_kwargs)  # its new code takes **kwargs: accepted

@@ -17,7 +17,12 @@ from typing import Any
 
 import dagster as dg
 from botocore.exceptions import BotoCoreError, ClientError
-from dagster_aws.s3 import S3PickleIOManager, S3Resource
+from dagster_aws.s3 import S3PickleIOManager
+
+# dagster-aws's S3Resource; on a worker, each step's first client is built once in its zygote
+# (only for static keys, as here from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, and only when the
+# step's config and environment are the zygote's: see dagster_taskiq/s3.py).
+from dagster_taskiq.s3 import S3Resource, prebuild
 
 DEFAULT_BUCKET = "dagster-artifacts"
 S3_PREFIX = "dagster"
@@ -36,6 +41,10 @@ def s3_resource() -> S3Resource:
     # EnvVar only when set: unset means AWS's own endpoint.
     endpoint = dg.EnvVar("S3_ENDPOINT_URL") if os.environ.get("S3_ENDPOINT_URL") else None
     return S3Resource(endpoint_url=endpoint, region_name=region_name())
+
+
+# Workers build this client once per zygote rather than once per step (only remembered here).
+prebuild(s3_resource())
 
 
 def s3_io_manager() -> S3PickleIOManager:

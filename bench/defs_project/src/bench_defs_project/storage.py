@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 
 import dagster as dg
-from dagster_aws.s3 import S3PickleIOManager, S3Resource
+from dagster_aws.s3 import S3PickleIOManager
+
+from dagster_taskiq.s3 import S3Resource, prebuild
 
 DEFAULT_BUCKET = "bench-artifacts"
 S3_PREFIX = "dagster"
@@ -19,6 +21,9 @@ def s3_resource() -> S3Resource:
     endpoint = dg.EnvVar("S3_ENDPOINT_URL") if os.environ.get("S3_ENDPOINT_URL") else None
     return S3Resource(endpoint_url=endpoint,
                       region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+
+
+prebuild(s3_resource())  # as the template: a worker's zygote builds its client once
 
 
 def s3_io_manager() -> S3PickleIOManager:
