@@ -333,6 +333,43 @@ def test_a_task_taken_again_after_a_freeze_is_not_stopped_by_news_of_its_first_d
         loop.run_until_complete(consumer.shutdown())
 
 
+def test_a_claim_answered_after_a_pause_is_renewed_before_it_runs(
+        client, broker_url, monkeypatch):  # noqa: F811
+    """A worker paused between asking for a task and reading the answer cannot vouch for the
+    lease it got (for all it knows the lease began before the pause and is nearly out), so its
+    fence would drop the task at once: it cost a delivery, and counted a second lease expiry
+    for one freeze (seen in CI under load). Now it renews such a claim before running it."""
+    import types
+
+    from dagster_taskiq import broker as broker_module
+
+    sent = client.send("paused", lease=2.0)
+    consumer = make_broker(broker_url, ["dagster"], "paused@h:1")
+    lost: list[str] = []
+    consumer.on_lost = lost.append
+    pause = [0.0]
+    clock = types.SimpleNamespace(monotonic=lambda: time.monotonic() + pause[0], time=time.time)
+    monkeypatch.setattr(broker_module, "time", clock)
+    claim = consumer._run_confirmed
+
+    async def paused_claim(script, keys, args):
+        answer = await claim(script, keys, args)
+        if script == "claim" and answer[0] is not None:
+            pause[0] = 5.0  # the answer is read 5 s (more than the lease) after it was asked
+        return answer
+
+    consumer._run_confirmed = paused_claim
+    messages = consumer.listen()
+    try:
+        client.loop.run_until_complete(anext(messages))
+        consumer._fence()
+        assert lost == [] and consumer.delivery(sent) == f"{sent}#1"
+        assert sync_redis(broker_url).hget(f"{P}:task:{sent}", "holder") == b"paused@h:1"
+    finally:
+        client.loop.run_until_complete(messages.aclose())
+        client.loop.run_until_complete(consumer.shutdown())
+
+
 def test_a_reply_list_recreated_after_its_run_expires(client, broker_url):  # noqa: F811
     """A late revoke (or a lost worker) re-creates a run's reply list after its orchestrator
     deleted it: the list expires instead of staying forever."""

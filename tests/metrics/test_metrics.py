@@ -329,15 +329,19 @@ def test_worker_counts_a_lost_lease_its_redelivery_and_a_crashed_step(
         assert not result.success
 
     samples = scrape(port)
-    # Exactly one: the attempt this worker may take again right after it resumes is a delivery
-    # of its own, which no late notice about the first one can end (see test_guarantees).
-    for name in ("lease_expiries", "redeliveries", "lost_steps"):
-        assert value(samples, f"dagster_taskiq_{name}_total", queue="dagster") == 1, name
-    # slow_0 twice (its first attempt was released), slow_1, slow_2, crash_step
+    # One expiry per freeze is the rule (a delivery taken again is its own, and a claim answered
+    # after the pause is renewed before it runs: see test_guarantees); under heavy load a
+    # renewal can still come too late, so each count must agree with the expiries instead.
+    expiries = value(samples, "dagster_taskiq_lease_expiries_total", queue="dagster")
+    assert expiries >= 1
+    assert value(samples, "dagster_taskiq_redeliveries_total", queue="dagster") == expiries
+    assert value(samples, "dagster_taskiq_lost_steps_total", queue="dagster") == 1
+    # slow_0 once plus once per expiry, slow_1, slow_2, crash_step
     assert value(samples, "dagster_taskiq_tasks_received_total", queue="dagster",
-                 kind="step") == 5
+                 kind="step") == 4 + expiries
     outcomes = "dagster_taskiq_task_outcomes_total"
-    for name, count in (("success", 3), ("released", 1), ("crashed", 1), ("failure", 0)):
+    for name, count in (("success", 3), ("released", expiries), ("crashed", 1),
+                        ("failure", 0)):
         assert value(samples, outcomes, queue="dagster", kind="step", outcome=name) == count
     # A released attempt has no duration: it did not end.
     assert total(samples, "dagster_taskiq_step_duration_seconds_count") == 4

@@ -527,6 +527,15 @@ class RedisLeaseBroker(AsyncBroker):
                     await self._hand_back(claimed[0].decode(), int(claimed[2]))
                     await backoff.wait()
                     continue
+                lease = float(claimed[3])
+                if time.monotonic() - claim_asked >= lease - fence_margin(lease):
+                    # Asked before a pause (this process was frozen, or the reply slow): for
+                    # all we know its lease began then and is nearly out, and the fence would
+                    # drop it at once. Renew it now, or leave it.
+                    renewed = await self._renew_claim(claimed[0].decode(), int(claimed[2]))
+                    if renewed is None:
+                        continue
+                    claim_asked = renewed
                 backoff.reset()
             except REDIS_ERRORS as exc:
                 logger.warning(
@@ -546,6 +555,22 @@ class RedisLeaseBroker(AsyncBroker):
                 self.metrics.claimed(task_id, queue_names.get(zset, zset), self.kind, token,
                                      int(claimed[5]) / 1000)
             yield AckableMessage(data=body, ack=partial(self._ack, task_id, token))
+
+    async def _renew_claim(self, task_id: str, token: int) -> float | None:
+        """Renew a claim just made whose lease we cannot vouch for; returns when we asked, or
+        None when it is not ours any more (or no replica confirmed it: handed back)."""
+        sent = time.monotonic()
+        (lost, _), confirmed = await self._run_confirmed(
+            "heartbeat", [self._key("leases"), self.task_key(task_id)],
+            [self.holder, task_id, token])
+        if lost:
+            logger.warning("Task %s: claimed, but taken back before this worker could renew "
+                           "it (it was paused); leaving it.", task_id)
+            return None
+        if not confirmed:
+            await self._hand_back(task_id, token)
+            return None
+        return sent
 
     def delivery(self, task_id: str) -> str:
         """The key of our current delivery of ``task_id`` (its id and delivery token): what
