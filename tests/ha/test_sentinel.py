@@ -151,8 +151,9 @@ def test_what_no_replica_confirms_never_runs_and_never_renews(
         with replica.client() as replica_view, sentinel_setup.servers[0].client() as primary:
             try:
                 await client.kick(message("running", 3.0))
-                await asyncio.wait_for(anext(messages), 10)  # the replica confirms it
-                assert replica_view.hget(f"{P}:task:running", "holder") == b"w@h:1"
+                await asyncio.wait_for(anext(messages), 10)
+                wait_for(lambda: replica_view.hget(f"{P}:task:running", "holder") == b"w@h:1",
+                         10, "the replica to have the claim")
                 os.kill(replica.process.pid, signal.SIGSTOP)
                 try:
                     await client.kick(message("waiting", 30.0))
