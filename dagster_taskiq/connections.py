@@ -216,6 +216,18 @@ def share_connections(instance: DagsterInstance) -> str | None:
 _SHARED = "_dagster_taskiq_shared"  # set on a storage whose connections are shared
 
 
+@contextmanager
+def _sqlite_transaction(url: str, engine: Engine) -> Iterator[Connection]:
+    """A transaction on this thread's held connection to ``url`` where it may hold one, else
+    on a connection of its own (as Dagster's sqlite storages do)."""
+    if not _CONNECTIONS.may_hold:
+        with engine.connect() as conn, conn.begin():
+            yield conn
+        return
+    with _CONNECTIONS.held(url, engine.connect) as conn, conn.begin():
+        yield conn
+
+
 def _share_sqlite(events: Any, runs: Any) -> None:
     @contextmanager
     def event_connection(shard: str) -> Iterator[Connection]:
@@ -226,22 +238,13 @@ def _share_sqlite(events: Any, runs: Any) -> None:
             if shard not in events._initialized_dbs:
                 events._initdb(engine)
                 events._initialized_dbs.add(shard)
-            if not _CONNECTIONS.may_hold:
-                with engine.connect() as conn, conn.begin():
-                    yield conn
-                return
-            with _CONNECTIONS.held(url, engine.connect) as conn, conn.begin():
+            with _sqlite_transaction(url, engine) as conn:
                 yield conn
 
     @contextmanager
     def run_connection() -> Iterator[Connection]:
         url = runs._conn_string
-        engine = _CONNECTIONS.engine(url)
-        if not _CONNECTIONS.may_hold:
-            with engine.connect() as conn, conn.begin():
-                yield conn
-            return
-        with _CONNECTIONS.held(url, engine.connect) as conn, conn.begin():
+        with _sqlite_transaction(url, _CONNECTIONS.engine(url)) as conn:
             yield conn
 
     events._connect = event_connection
