@@ -333,6 +333,44 @@ def test_a_task_taken_again_after_a_freeze_is_not_stopped_by_news_of_its_first_d
         loop.run_until_complete(consumer.shutdown())
 
 
+def test_only_a_lost_delivery_counts_as_a_redelivery(client, broker_url):  # noqa: F811
+    """The redeliveries metric tells of faults: a task handed back (a worker shutting down, a
+    claim no replica confirmed) and taken again is not a redelivery; one whose lease ran out
+    is (before, both counted, so every deploy looked like lost leases)."""
+    sent = client.send("handed", lease=0.5)
+    seen: list[tuple[str, bool]] = []
+
+    class Recorder:
+        def claimed(self, task_id, queue, kind, redelivered, waited):
+            seen.append((task_id, redelivered))
+
+        def renewed(self, task_id): ...
+
+        def expired(self, task_id): ...
+
+        def forgotten(self, task_id): ...
+
+    loop = client.loop
+    for holder, fault in (("first@h:1", "hand back"), ("second@h:1", "freeze"),
+                          ("third@h:1", None)):
+        consumer = make_broker(broker_url, ["dagster"], holder)
+        consumer.metrics = Recorder()
+        messages = consumer.listen()
+        try:
+            loop.run_until_complete(anext(messages))
+            token = consumer._held[sent]
+            if fault == "hand back":
+                loop.run_until_complete(consumer._hand_back(sent, token))
+            elif fault == "freeze":
+                consumer._held.clear()  # it heartbeats nothing more: the lease runs out
+                time.sleep(0.8)
+                assert loop.run_until_complete(client.broker.reap()) == [sent]
+        finally:
+            loop.run_until_complete(messages.aclose())
+            loop.run_until_complete(consumer.shutdown())
+    assert seen == [(sent, False), (sent, False), (sent, True)]
+
+
 def test_a_claim_answered_after_a_pause_is_renewed_before_it_runs(
         client, broker_url, monkeypatch):  # noqa: F811
     """A worker paused between asking for a task and reading the answer cannot vouch for the

@@ -80,7 +80,7 @@ class LeaseMetrics(Protocol):
     """What a consumer tells its worker's metrics (see ``metrics.py``); unset, it tells
     nothing and pays nothing."""
 
-    def claimed(self, task_id: str, queue: str, kind: str, token: int,
+    def claimed(self, task_id: str, queue: str, kind: str, redelivered: bool,
                 waited: float) -> None: ...
 
     def renewed(self, task_id: str) -> None: ...
@@ -552,8 +552,10 @@ class RedisLeaseBroker(AsyncBroker):
             self._renew(task_id, float(claimed[3]), claim_asked)
             if self.metrics is not None:
                 zset = claimed[4].decode()
-                self.metrics.claimed(task_id, queue_names.get(zset, zset), self.kind, token,
-                                     int(claimed[5]) / 1000)
+                # Redelivered: an earlier delivery was lost, not handed back (at shutdown, or
+                # a claim no replica confirmed).
+                self.metrics.claimed(task_id, queue_names.get(zset, zset), self.kind,
+                                     token - int(claimed[6]) > 1, int(claimed[5]) / 1000)
             yield AckableMessage(data=body, ack=partial(self._ack, task_id, token))
 
     async def _renew_claim(self, task_id: str, token: int) -> float | None:

@@ -79,8 +79,9 @@ class WorkerMetrics:
                                 "forward.", ["queue"], registry=r)
         self.expiries = Counter(name("lease_expiries"), "Leases this worker lost (fenced "
                                 "itself, or found its task taken).", ["queue"], registry=r)
-        self.redeliveries = Counter(name("redeliveries"), "Tasks received that had been "
-                                    "delivered before.", ["queue"], registry=r)
+        self.redeliveries = Counter(name("redeliveries"), "Tasks received again after an "
+                                    "earlier delivery was lost (not handed back).", ["queue"],
+                                    registry=r)
         self.lost_steps = Counter(name("lost_steps"), "Steps whose process died before "
                                   "reporting (reported crashed).", ["queue"], registry=r)
         self.step_duration = Histogram(name("step_duration_seconds"), "A step task's run time "
@@ -113,10 +114,11 @@ class WorkerMetrics:
         self.started: dict[str, float] = {}  # task id -> monotonic start on this worker
 
     # The broker's hooks (:class:`~dagster_taskiq.broker.LeaseMetrics`).
-    def claimed(self, task_id: str, queue: str, kind: str, token: int, waited: float) -> None:
+    def claimed(self, task_id: str, queue: str, kind: str, redelivered: bool,
+                waited: float) -> None:
         self.claims[task_id] = (queue, waited)
         self.received.labels(queue, kind).inc()
-        if token > 1:
+        if redelivered:
             self.redeliveries.labels(queue).inc()
 
     def renewed(self, task_id: str) -> None:

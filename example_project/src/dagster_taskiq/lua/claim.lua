@@ -16,8 +16,8 @@
 -- so they cannot be declared: they are built from ARGV[2], whose hash tag puts them in the
 -- same Cluster slot as every declared key.
 --
--- Returns {id, body, token, lease seconds, its queue's key, ms since it was submitted (for the
--- worker's metrics)}, or nil when every queue is empty (the wake lists are then cleared, so the
+-- Returns {id, body, token, lease seconds, its queue's key, ms since it was submitted, how many
+-- earlier deliveries were handed back (the last two for the worker's metrics)}, or nil when every queue is empty (the wake lists are then cleared, so the
 -- consumer blocks on them until the next kick).
 
 -- include: _now_ms.lua
@@ -27,11 +27,13 @@ local claim = KEYS[2 * n + 2]
 local prior = redis.call('GET', claim)
 if prior then
   local task = ARGV[2] .. ':task:' .. prior
-  local f = redis.call('HMGET', task, 'holder', 'body', 'token', 'lease', 'zset', 'enqueued_ms')
+  local f = redis.call('HMGET', task, 'holder', 'body', 'token', 'lease', 'zset', 'enqueued_ms',
+                       'released')
   if f[1] == ARGV[1] then
     -- A write, so a WAIT after this retry confirms that the claim reached a replica.
     redis.call('EXPIRE', claim, 60)
-    return {prior, f[2], tonumber(f[3]), f[4], f[5], now_ms - tonumber(f[6] or now_ms)}
+    return {prior, f[2], tonumber(f[3]), f[4], f[5], now_ms - tonumber(f[6] or now_ms),
+            tonumber(f[7] or 0)}
   end
 end
 while true do
@@ -58,9 +60,10 @@ while true do
   if body then
     local token = redis.call('HINCRBY', task, 'token', 1)
     redis.call('HSET', task, 'holder', ARGV[1])
-    local f = redis.call('HMGET', task, 'lease', 'enqueued_ms')
+    local f = redis.call('HMGET', task, 'lease', 'enqueued_ms', 'released')
     redis.call('ZADD', KEYS[1], now_ms + tonumber(f[1]) * 1000, id)
     redis.call('SET', claim, id, 'EX', 60)
-    return {id, body, token, f[1], KEYS[best], now_ms - tonumber(f[2] or now_ms)}
+    return {id, body, token, f[1], KEYS[best], now_ms - tonumber(f[2] or now_ms),
+            tonumber(f[3] or 0)}
   end
 end
