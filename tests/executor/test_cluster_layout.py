@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
-import redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, ResponseError
@@ -34,6 +33,7 @@ from dagster_taskiq.broker import (
 from dagster_taskiq.config import TASK_EXECUTE_JOB, BrokerSettings
 from dagster_taskiq.results import RedisReplyBackend
 from tests.conftest import RedisCluster as RedisClusterServers
+from tests.conftest import sync_redis
 
 # Every kind of key the workload must have made (so an assertion over "all keys" is not empty).
 SEGMENTS = {"task", "queue", "runs", "wake", "wakeruns", "seq", "leases", "claim", "reply",
@@ -134,7 +134,7 @@ def test_every_key_of_a_workload_maps_to_one_slot(broker_url: str, given: str | 
     options = {} if given is None else {"key_prefix": given}
     settings = BrokerSettings.from_config(broker_url, config_source=options)
     assert settings.key_prefix == prefix
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
 
     async def keys() -> list[bytes]:
         return server.keys("*")  # the database was emptied for this test: all of it is ours

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 import yaml
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.definitions.reconstruct import ReconstructableJob
@@ -22,7 +21,7 @@ from dagster_taskiq.broker import BrokerUnavailable
 from dagster_taskiq.config import DEFAULT_KEY_PREFIX as P
 from dagster_taskiq.launcher import TaskiqRunLauncher
 from dagster_taskiq.tags import TASKIQ_TASK_ID_TAG
-from tests.conftest import start_redis, wait_for
+from tests.conftest import start_redis, sync_redis, wait_for
 
 RUNNER_FILE = str(Path(__file__).with_name("repo_runner.py"))
 QUEUE = "custom-queue"
@@ -290,7 +289,7 @@ def test_a_queued_resume_is_healthy_and_never_stacked(start_worker, dagster_home
             _monitor(instance, run.run_id)
         logs = _logs(instance, run.run_id)
         assert logs.count("Resuming run") == 1, logs
-        server = redis.Redis.from_url(broker_url)
+        server = sync_redis(broker_url)
         assert server.zcard(f"{P}:runs:{QUEUE}") == 1
         health = launcher.check_run_worker_health(instance.get_run_by_id(run.run_id))
         assert health.status == WorkerStatus.RUNNING and "waiting for a free worker" in health.msg
@@ -374,7 +373,7 @@ def test_terminating_a_run_whose_orchestrator_died_drops_its_queued_steps(start_
     that step too (the event log names its task), so it never waits in Redis for a worker."""
     worker = start_worker(queues=[QUEUE])  # runs only: the steps' queue has no worker
     run = _launch(launcher_instance, "taskiq_recorded_chain")
-    server = redis.Redis.from_url(broker_url)
+    server = sync_redis(broker_url)
     wait_for(lambda: server.zcard(f"{P}:queue:dagster"), 60, "the first step queued")
     worker.kill()
     assert launcher_instance.run_launcher.terminate(run.run_id)
@@ -418,7 +417,7 @@ def test_a_run_whose_lease_lapsed_goes_on(start_worker, launcher_instance, broke
     try:
         time.sleep(4.5)
         health()  # it reaps first: the lapsed lease is dropped
-        assert not redis.Redis.from_url(broker_url).exists(f"{P}:task:{run_task}")
+        assert not sync_redis(broker_url).exists(f"{P}:task:{run_task}")
     finally:
         os.kill(worker.process.pid, signal.SIGCONT)
     time.sleep(3.0)  # the worker hears its run task is gone and its registry entry is fresh
