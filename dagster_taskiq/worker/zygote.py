@@ -178,21 +178,25 @@ class Zygote:
     def serve(self) -> None:
         os.set_blocking(self.wakeup_w, False)
         signal.set_wakeup_fd(self.wakeup_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the select below
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll below
         while self.open or self.children:
-            watched: list[Any] = [self.wakeup_r, *self.by_sock]
+            # poll, not select: a zygote with many idle children may hold descriptors >= 1024.
+            poller = select.poll()
+            poller.register(self.wakeup_r, select.POLLIN)
+            for sock in self.by_sock:
+                poller.register(sock, select.POLLIN)
             if self.open:
-                watched.append(self.control)
-            readable, _, _ = select.select(watched, [], [], self._timeout())
+                poller.register(self.control, select.POLLIN)
+            readable = {fd for fd, _ in poller.poll(self._timeout() * 1000)}
             if self.wakeup_r in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.wakeup_r, 4096)
-            for sock in readable:
-                reusable = self.by_sock.get(sock)
-                if reusable is not None:
+            for reusable in list(self.by_sock.values()):
+                # Not one retired meanwhile (its descriptor number may be reused).
+                if reusable.sock.fileno() in readable and reusable.pid in self.reusable:
                     self._from_child(reusable)
             self._reap()
-            if self.open and self.control in readable:
+            if self.open and self.control.fileno() in readable:
                 self.open = self._receive()
                 if not self.open:  # draining: no child takes another step
                     for reusable in list(self.reusable.values()):

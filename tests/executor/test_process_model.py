@@ -299,6 +299,16 @@ def test_a_step_that_ends_its_reused_child_fails_alone_and_the_next_forks_afresh
     assert after != first
 
 
+def test_a_child_whose_step_raised_serves_the_next_step():
+    async def scenario(runner: ZygoteRunner) -> tuple[dict, int]:
+        raised = await runner.run("a", f"{ENTRIES}:raiser", {}, "t", reuse="R")
+        after = (await runner.run("b", f"{ENTRIES}:sleeper", {}, "t", reuse="R"))["pid"]
+        return raised, after
+
+    raised, after = _with_runner(scenario)
+    assert not raised["crashed"] and f"raised in {after}" in raised["error"]
+
+
 def test_a_child_that_was_signalled_is_never_reused(tmp_path: Path):
     """A cancelled step's child (SIGINT, even one that arrived after its reply) takes no other
     step: the signal must not reach the next one."""

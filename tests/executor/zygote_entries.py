@@ -120,3 +120,12 @@ def descriptors(path: str):
         return _outcome(pid=os.getpid())
 
     return body
+
+
+def raiser():
+    """A task whose body raises (its step failed): its child is still fine to reuse."""
+
+    def body() -> dict:
+        raise ValueError(f"raised in {os.getpid()}")
+
+    return body
