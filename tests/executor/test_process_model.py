@@ -363,3 +363,33 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_step_after_a_code_edit_never_runs_in_a_child_of_the_old_code(tmp_path: Path,
+                                                                        monkeypatch):
+    """The zygote checks the source files before it hands a step to an idle child: an edit
+    between two steps of one run means a new zygote, and the step runs the new code in one of
+    its children."""
+    module = tmp_path / "reuse_edited.py"
+    source = '''import os
+
+
+def entry():
+    return lambda: {"events": [], "error": None, "crashed": False, "pid": os.getpid(),
+                    "version": VERSION}
+
+
+VERSION = "@"
+'''
+    module.write_text(source.replace("@", "old"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    async def scenario(runner: ZygoteRunner) -> tuple[dict, dict]:
+        first = await runner.run("a", "reuse_edited:entry", {}, "t", reuse="R")
+        module.write_text(source.replace("@", "newer"))
+        second = await runner.run("b", "reuse_edited:entry", {}, "t", reuse="R")
+        return first, second
+
+    first, second = _with_runner(scenario)
+    assert first["version"] == "old" and second["version"] == "newer"
+    assert first["pid"] != second["pid"]
