@@ -505,6 +505,10 @@ def _next_step(channel: socket.socket) -> _Step | None:
     page = mmap.mmap(page_fd, PAGE_SIZE)
     os.close(page_fd)
     body = None
+    s3 = sys.modules.get("dagster_taskiq.s3")
+    if s3 is not None:
+        with contextlib.suppress(Exception):
+            s3.reissue()
     if read_stop(page) == NOT_STOPPED:
         try:
             body = resolve(request["entry"])(**request["kwargs"])
