@@ -126,6 +126,10 @@ class _Generation:
         elif "id" in message:
             future = self.replies.pop(message["id"], None)
             if future is not None and not future.done():
+                if "pid" in message:
+                    # Followed from now: its exit may be in this very read (a child that
+                    # took a step and died at once), before the requester resumes.
+                    self.followed.add(message["pid"])
                 future.set_result(message)
         elif "ready" in message:
             if message["threads"]:

@@ -121,7 +121,7 @@ class Zygote:
         self.forks = 0
         self.max_steps_per_child = max_steps_per_child
         self.reusable: dict[int, _Reusable] = {}  # by pid
-        self.by_sock: dict[int, _Reusable] = {}  # by the zygote's socket's fd
+        self.by_sock: dict[socket.socket, _Reusable] = {}  # by the zygote's end of its socket
         self.open = True
 
     # -- start -----------------------------------------------------------------------------
@@ -200,7 +200,8 @@ class Zygote:
                 self.open = self._receive()
                 if not self.open:  # draining: no child takes another step
                     for reusable in list(self.reusable.values()):
-                        self._retire(reusable)
+                        if reusable.pending is None:  # else it says first (see _retire)
+                            self._retire(reusable)
             self._expire()
         self._reap()
 
@@ -216,6 +217,7 @@ class Zygote:
             self.children.discard(pid)
             reusable = self.reusable.get(pid)
             if reusable is not None:
+                self._from_child(reusable, settle=True)  # whether it took a step before it died
                 self._retire(reusable)
             self.send({"exit": pid, "status": status})
 
@@ -342,14 +344,21 @@ class Zygote:
             return True
         return False
 
-    def _from_child(self, reusable: _Reusable) -> None:
-        try:
-            data = reusable.sock.recv(4096)
-        except OSError:
+    def _from_child(self, reusable: _Reusable, settle: bool = False) -> None:
+        """Read what the child said; ``settle``: it has died, read all it said first."""
+        if settle:
             data = b""
-        if not data:  # it ended (or declined and left)
-            self._retire(reusable)
-            return
+            with contextlib.suppress(OSError):
+                while chunk := reusable.sock.recv(4096, socket.MSG_DONTWAIT):
+                    data += chunk
+        else:
+            try:
+                data = reusable.sock.recv(4096)
+            except OSError:
+                data = b""
+            if not data:  # it ended (or declined and left)
+                self._retire(reusable)
+                return
         reusable.buffer += data
         while b"\n" in reusable.buffer and reusable.pid in self.reusable:
             line, reusable.buffer = reusable.buffer.split(b"\n", 1)
@@ -378,7 +387,10 @@ class Zygote:
 
     def _retire(self, reusable: _Reusable) -> None:
         """No more steps for this child: closing its socket ends it once it is idle. A task
-        handed to it and not taken goes the usual way."""
+        handed to it and not taken goes the usual way. Called with a task pending only once
+        the child cannot take it any more (it declined, or its socket or process ended with no
+        "accepted" read): it runs a step once it has said so, so the socket of a child that
+        may still take its task is never closed (that could run the task twice)."""
         self.reusable.pop(reusable.pid, None)
         self.by_sock.pop(reusable.sock, None)
         with contextlib.suppress(OSError):
