@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from dagster import (
     EnvVar,
@@ -17,6 +18,7 @@ from dagster import (
     Nothing,
     Out,
     Output,
+    RetryPolicy,
     RetryRequested,
     graph,
     job,
@@ -373,3 +375,39 @@ def materialize_then_wait(context) -> int:
 @job(executor_def=taskiq_executor)
 def live_events_job():
     add_one(materialize_then_wait())
+
+
+@op
+def first_pid() -> int:
+    return os.getpid()
+
+
+@op
+def second_pid(first: int) -> list:
+    return [first, os.getpid()]
+
+
+@job(executor_def=taskiq_executor)
+def pid_pair_job():
+    second_pid(first_pid())
+
+
+@op(retry_policy=RetryPolicy(max_retries=1))
+def crash_first_attempt(context, first: int) -> list:
+    """Ends its process on its first attempt (its pid kept in a file), succeeds on the next:
+    returns the pids of the step before, of the crashed attempt and of this one."""
+    marker = Path(context.instance.root_directory) / f"crashed-{context.run_id}"
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os._exit(3)
+    return [first, int(marker.read_text()), os.getpid()]
+
+
+@job(executor_def=taskiq_executor)
+def crash_then_retry_job():
+    crash_first_attempt(first_pid())
+
+
+@job(executor_def=taskiq_executor)
+def warm_then_slow_job():
+    sleep_op.alias("slow_0")(start_after=first_pid())

@@ -152,3 +152,14 @@ def stubborn_op():
 @job(executor_def=taskiq_executor, resource_defs={"io_manager": FilesystemIOManager()})
 def taskiq_stubborn_job():
     stubborn_op()
+
+
+@op
+def sleep_after(value: int) -> int:
+    while True:
+        time.sleep(0.1)
+
+
+@job(executor_def=taskiq_executor, resource_defs={"io_manager": FilesystemIOManager()})
+def taskiq_one_then_sleepy():
+    sleep_after(return_one())

@@ -210,3 +210,186 @@ def test_user_code_with_threads_and_connections_at_import_forks_safely(tmp_path)
 
     results = _with_runner(scenario, includes=("tests.executor.user_code_at_import",))
     assert results == [{"value": 7, "peer": True}] * 20
+
+
+# ---- a child that serves several steps of one run ---------------------------------------------
+
+
+def test_steps_with_one_reuse_key_run_in_one_child_and_never_in_anothers(tmp_path: Path):
+    """Steps of one run (one reuse key) run one after another in one child; a step of another
+    run, or one without a key (a run's orchestrator), gets a child of its own."""
+
+    async def scenario(runner: ZygoteRunner) -> dict[str, list[int]]:
+        pids: dict[str, list[int]] = {"R": [], "S": [], "none": []}
+        for index in range(4):
+            for key in ("R", "S", None):
+                outcome = await runner.run(f"{key}{index}", f"{ENTRIES}:sleeper", {}, "t",
+                                           reuse=key)
+                pids[str(key) if key else "none"].append(outcome["pid"])
+        return pids
+
+    pids = _with_runner(scenario)
+    assert len(set(pids["R"])) == 1 and len(set(pids["S"])) == 1, pids
+    assert pids["R"][0] != pids["S"][0]
+    assert len(set(pids["none"])) == 4 and not set(pids["none"]) & {pids["R"][0], pids["S"][0]}
+
+
+def test_a_reused_child_holds_only_the_descriptors_of_its_current_step(tmp_path: Path):
+    """Its own result pipe and control page (those of earlier steps are closed), and its
+    socket to the zygote; nothing of another run's child."""
+
+    async def scenario(runner: ZygoteRunner) -> list[dict]:
+        seen = []
+        await runner.run("other", f"{ENTRIES}:sleeper", {}, "t", reuse="S")  # idle beside
+        for index in range(3):
+            path = tmp_path / f"{index}.json"
+            outcome = await runner.run(f"t{index}", f"{ENTRIES}:descriptors",
+                                       {"path": str(path)}, "t", reuse="R")
+            seen.append({"pid": outcome["pid"], "fds": json.loads(path.read_text())})
+        return seen
+
+    seen = _with_runner(scenario)
+    assert len({entry["pid"] for entry in seen}) == 1
+    for entry in seen:
+        kinds = sorted(target.split(":")[0] for target in entry["fds"].values())
+        assert kinds == ["/memfd", "pipe", "socket"], entry["fds"]
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_max_steps_per_child_bounds_a_childs_steps(limit: int):
+    async def main() -> list[int]:
+        runner = ZygoteRunner(max_steps_per_child=limit)
+        await runner.start()
+        try:
+            return [(await runner.run(f"t{i}", f"{ENTRIES}:sleeper", {}, "t", reuse="R"))["pid"]
+                    for i in range(4)]
+        finally:
+            await runner.close()
+
+    pids = asyncio.run(main())
+    assert len(set(pids)) == 4 // limit, pids
+    if limit == 2:
+        assert pids[0] == pids[1] != pids[2] == pids[3]
+
+
+def test_an_idle_child_ends_after_its_idle_time(monkeypatch):
+    async def scenario(runner: ZygoteRunner) -> tuple[int, int, bool]:
+        first = (await runner.run("a", f"{ENTRIES}:sleeper", {}, "t", reuse="R"))["pid"]
+        await asyncio.sleep(zygote.CHILD_IDLE_SECONDS + 1.0)
+        gone = not _alive(first)
+        second = (await runner.run("b", f"{ENTRIES}:sleeper", {}, "t", reuse="R"))["pid"]
+        return first, second, gone
+
+    from dagster_taskiq.worker import zygote
+
+    first, second, gone = _with_runner(scenario)
+    assert gone and first != second
+
+
+def test_a_step_that_ends_its_reused_child_fails_alone_and_the_next_forks_afresh():
+    async def scenario(runner: ZygoteRunner) -> tuple[int, dict, int]:
+        first = (await runner.run("a", f"{ENTRIES}:sleeper", {}, "t", reuse="R"))["pid"]
+        crashed = await runner.run("b", f"{ENTRIES}:crasher", {"code": 3}, "t", reuse="R")
+        after = (await runner.run("c", f"{ENTRIES}:sleeper", {}, "t", reuse="R"))["pid"]
+        return first, crashed, after
+
+    first, crashed, after = _with_runner(scenario)
+    assert crashed["crashed"] and crashed["exit_code"] == 3
+    assert f"pid {first}" in crashed["error"]  # it ran in the reused child
+    assert after != first
+
+
+def test_a_child_whose_step_raised_serves_the_next_step():
+    async def scenario(runner: ZygoteRunner) -> tuple[dict, int]:
+        raised = await runner.run("a", f"{ENTRIES}:raiser", {}, "t", reuse="R")
+        after = (await runner.run("b", f"{ENTRIES}:sleeper", {}, "t", reuse="R"))["pid"]
+        return raised, after
+
+    raised, after = _with_runner(scenario)
+    assert not raised["crashed"] and f"raised in {after}" in raised["error"]
+
+
+def test_a_child_that_was_signalled_is_never_reused(tmp_path: Path):
+    """A cancelled step's child (SIGINT, even one that arrived after its reply) takes no other
+    step: the signal must not reach the next one."""
+    ready = tmp_path / "ready"
+
+    async def scenario(runner: ZygoteRunner) -> tuple[int, dict, int]:
+        first = (await runner.run("a", f"{ENTRIES}:sleeper", {}, "t", reuse="R"))["pid"]
+        running = asyncio.create_task(runner.run(
+            "b", f"{ENTRIES}:sleeper", {"seconds": 30, "marker": str(ready)}, "t", reuse="R"))
+        while not runner.task_ids:
+            await asyncio.sleep(0.01)
+        runner.kill("b")
+        cancelled = await running
+        after = (await runner.run("c", f"{ENTRIES}:sleeper", {}, "t", reuse="R"))["pid"]
+        return first, cancelled, after
+
+    first, cancelled, after = _with_runner(scenario)
+    assert cancelled["error"] is not None and not cancelled["crashed"]  # KeyboardInterrupt
+    assert after != first and not ready.exists()
+
+
+def test_the_fence_stops_a_reused_child_whose_lease_was_not_renewed(tmp_path: Path):
+    marker = tmp_path / "ran"
+
+    async def scenario(runner: ZygoteRunner) -> tuple[int, int, list[str], float]:
+        fenced: list[str] = []
+        runner.on_fenced = fenced.append
+        runner.set_fence("a", time.monotonic() + 30)
+        first = (await runner.run("a", f"{ENTRIES}:sleeper", {}, "t", reuse="R"))["pid"]
+        await asyncio.sleep(1.5)  # idle past the first step's fence: nothing happens
+        assert _alive(first)
+        runner.set_fence("b", time.monotonic() + 1.0)  # never renewed
+        began = time.monotonic()
+        task = asyncio.create_task(runner.run(
+            "b", f"{ENTRIES}:sleeper", {"seconds": 10, "marker": str(marker)}, "t",
+            reuse="R"))
+        while not runner.describe():
+            await asyncio.sleep(0.01)
+        pid = runner.describe()[0]["pid"]
+        with pytest.raises(NoResultError):
+            await task
+        return first, pid, fenced, time.monotonic() - began
+
+    first, pid, fenced, took = _with_runner(scenario)
+    assert pid == first, "the second step ran in the first one's child"
+    assert fenced == ["b"] and took < 5 and not marker.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_step_after_a_code_edit_never_runs_in_a_child_of_the_old_code(tmp_path: Path,
+                                                                        monkeypatch):
+    """The zygote checks the source files before it hands a step to an idle child: an edit
+    between two steps of one run means a new zygote, and the step runs the new code in one of
+    its children."""
+    module = tmp_path / "reuse_edited.py"
+    source = '''import os
+
+
+def entry():
+    return lambda: {"events": [], "error": None, "crashed": False, "pid": os.getpid(),
+                    "version": VERSION}
+
+
+VERSION = "@"
+'''
+    module.write_text(source.replace("@", "old"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    async def scenario(runner: ZygoteRunner) -> tuple[dict, dict]:
+        first = await runner.run("a", "reuse_edited:entry", {}, "t", reuse="R")
+        module.write_text(source.replace("@", "newer"))
+        second = await runner.run("b", "reuse_edited:entry", {}, "t", reuse="R")
+        return first, second
+
+    first, second = _with_runner(scenario)
+    assert first["version"] == "old" and second["version"] == "newer"
+    assert first["pid"] != second["pid"]

@@ -49,22 +49,28 @@ def _s3_env(s3_endpoint, monkeypatch) -> str:
     return bucket
 
 
+@pytest.mark.parametrize("per_child", ["1", "50"])
 def test_prebuilt_s3_client_on_workers_respects_run_config(
-        start_worker, instance, broker_url, s3_endpoint, monkeypatch):
+        start_worker, instance, broker_url, s3_endpoint, monkeypatch, per_child):
     """A real worker: the zygote builds the client, each step takes its own copy, requests and
     the IO manager work with it; a run whose resource config differs (endpoint, region) gets
-    a client built for that config."""
+    a client built for that config. A child that serves the run's next step hands it the
+    same copy again."""
     _s3_env(s3_endpoint, monkeypatch)
-    start_worker(concurrency=2)
+    start_worker(concurrency=2, args=["--max-steps-per-child", per_child])
     config: dict = {"execution": {"config": {"broker": broker_url}}}
     with execute_test_job("s3_prebuilt_job", instance, config) as result:
         assert result.success
         report = result.output_for_node("s3_client_downstream")
     assert report["first"] == {"zygote": True, "endpoint": s3_endpoint.url,
                                "region": "us-east-1"}
-    # The next step (another process) read the first one's output with its own copy.
+    # The next step read the first one's output with the zygote's client: its own copy in
+    # another process, or the same one again in the same child.
     assert report["loader"]["zygote"] is True
-    assert report["loader_pid"] != report["pid"]
+    if per_child == "1":
+        assert report["loader_pid"] != report["pid"]
+    else:
+        assert report["loader_pid"] == report["pid"]
 
     other_endpoint = s3_endpoint.url.replace("127.0.0.1", "localhost")
     config["resources"] = {"s3": {"config": {"endpoint_url": other_endpoint,

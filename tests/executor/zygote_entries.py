@@ -101,3 +101,31 @@ def user_code(path: str):
         return _outcome()
 
     return body
+
+
+def crasher(code: int = 3):
+    """A task whose body ends its process before it replies (a segfault, ``os._exit``)."""
+
+    def body() -> dict:
+        os._exit(code)
+
+    return body
+
+
+def descriptors(path: str):
+    """Writes what descriptors the child running it holds (see :func:`_fds`)."""
+
+    def body() -> dict:
+        Path(path).write_text(json.dumps(_fds()))
+        return _outcome(pid=os.getpid())
+
+    return body
+
+
+def raiser():
+    """A task whose body raises (its step failed): its child is still fine to reuse."""
+
+    def body() -> dict:
+        raise ValueError(f"raised in {os.getpid()}")
+
+    return body
