@@ -289,6 +289,10 @@ def worker() -> None:
               "Default: off.")
 @click.option("--metrics-host", default="0.0.0.0", show_default=True,
               help="With --metrics-port: the address to serve them on.")
+@click.option("--max-steps-per-child", type=click.IntRange(min=1), default=None,
+              help="Steps of one run that one forked child may run one after another (its "
+              "pages and connections are paid for once); 1: a fresh fork for every step. "
+              "Default: 50.")
 def start(
     name: str | None,
     config_yaml: str | None,
@@ -301,6 +305,7 @@ def start(
     shutdown_timeout: float,
     metrics_port: int | None,
     metrics_host: str,
+    max_steps_per_child: int | None,
 ) -> None:
     from dagster_taskiq.worker import WorkerOptions
 
@@ -319,6 +324,8 @@ def start(
         metrics_port=metrics_port,
         metrics_host=metrics_host,
     )
+    if max_steps_per_child is not None:
+        options.max_steps_per_child = max_steps_per_child
     if name:
         options.name = name
     if background:
@@ -357,7 +364,8 @@ def _start_detached(options: Any, config_yaml: str | None, includes: Sequence[st
     # never on the command line (where `ps` would show its password).
     args = [sys.executable, "-m", "dagster_taskiq.cli", "worker", "start",
             "-n", options.name, "-c", str(options.concurrency), "-l", loglevel,
-            "--shutdown-timeout", str(options.shutdown_timeout)]
+            "--shutdown-timeout", str(options.shutdown_timeout),
+            "--max-steps-per-child", str(options.max_steps_per_child)]
     for queue in options.queues:
         args += ["-q", queue]
     for module in includes:

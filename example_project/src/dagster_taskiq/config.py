@@ -193,7 +193,9 @@ _JSON = "drop it: messages are always JSON (Dagster serdes), never pickle"
 _PRIORITY = "drop it: priorities are any integer (negative too), kept in order by the broker"
 _QUEUES = ("drop it: route steps with the dagster-taskiq/queue op tag (dagster-celery/queue "
            "works too) and start workers with `worker start -q QUEUE`")
-_NO_CHILD_LIMIT = "drop it: every step already runs in a process of its own, forked per step"
+_NO_CHILD_LIMIT = ("drop it: each step runs in a forked child that serves only steps of its own "
+                   "run and ends after 3 s idle; bound it with `worker start "
+                   "--max-steps-per-child N` (1: a fresh fork for every step)")
 _NO_TIME_LIMIT = ("drop it: there is no per-task time limit; bound runs with Dagster's "
                   "dagster/max_runtime run tag (run monitoring) or a timeout in the op")
 _NO_EVENTS = ("drop it: there are no Celery events (Flower); use `dagster-taskiq status` and "

@@ -9,7 +9,8 @@ connection each time. Here:
   connection is kept, so none crosses a fork, while the engine's compiled statements reach
   every child warm;
 - a forked task holds one connection per database (sqlite file, or the PostgreSQL event log)
-  from its first event until its reply is sent (:func:`release_connections`); opening one, and
+  from its first event until its reply is sent (:func:`release_connections`), or, in a child
+  that serves several steps of one run, until that child ends; opening one, and
   for sqlite closing the last one of a WAL database (a checkpoint), cost more than the write.
   One left idle for ``IDLE_SECONDS`` (a long step) is replaced before its next use;
 - a run's orchestrator does the same while it orchestrates (:func:`orchestrating`): it writes

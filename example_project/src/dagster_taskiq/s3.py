@@ -25,6 +25,9 @@ What keeps it as safe as a client built in the step:
   or instance roles, and keys with an expiry): no client is built in the zygote, and every
   step resolves (and refreshes) its credentials itself, as without this resource. A built
   client is also replaced every :data:`MAX_AGE` seconds.
+- A child that serves several steps of one run (``--max-steps-per-child``) hands each of them,
+  one after another, the client it took from the zygote (:func:`reissue`), as ``in_process``
+  shares one client between a run's steps; the checks below apply to each step.
 - Per-run config: a step takes the copy only when its resource's resolved config (endpoint,
   region, keys, retries, everything) equals the one it was built for, and the process
   environment and the AWS config and credentials files are as they were then; otherwise it
@@ -47,6 +50,7 @@ _requested: list[_DagsterS3Resource] = []  # prebuild()'s resources, as given (E
 # key -> (monotonic time built, client): filled in a zygote only, taken in its forked children.
 _prebuilt: dict[Hashable, tuple[float, Any]] = {}
 _unsuitable: set[Hashable] = set()  # configs a zygote must not build for (checked once each)
+_taken: dict[Hashable, tuple[float, Any]] = {}  # taken by this process's current step
 
 
 class S3Resource(_DagsterS3Resource):
@@ -75,7 +79,15 @@ def take(resource: _DagsterS3Resource) -> Any | None:
     built = _prebuilt.pop(key, None)
     if built is None or time.monotonic() - built[0] > MAX_AGE:
         return None
+    _taken[key] = built
     return built[1]
+
+
+def reissue() -> None:
+    """In a child that serves another step of its run: the clients its last step took from
+    the zygote are there for this one too (same checks: config, environment, files, age)."""
+    _prebuilt.update(_taken)
+    _taken.clear()
 
 
 def refresh() -> None:

@@ -9,6 +9,8 @@ the worker's zygote on real workers (killable, crash-isolated, yet warm), inline
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
@@ -31,7 +33,7 @@ class StepRunner(Protocol):
     ``label`` says what it is (for the worker registry and logs)."""
 
     def run(self, delivery: str, entry: str, kwargs: dict[str, Any], label: str,
-            kind: str = STEP) -> Awaitable[StepOutcome]: ...
+            kind: str = STEP, reuse: str | None = None) -> Awaitable[StepOutcome]: ...
 
 
 class InlineStepRunner:
@@ -39,7 +41,7 @@ class InlineStepRunner:
     because Dagster runs its own event loop inside step execution."""
 
     async def run(self, delivery: str, entry: str, kwargs: dict[str, Any], label: str,
-                  kind: str = STEP) -> StepOutcome:
+                  kind: str = STEP, reuse: str | None = None) -> StepOutcome:
         from dagster_taskiq.worker.zygote import resolve
 
         try:
@@ -78,8 +80,12 @@ async def execute_plan(
     kwargs = {"step_args": step_args, "job_pointer": job_pointer,
               "worker": _worker_name(context), "task_id": task_id,
               "code_version": code_version}
+    # Steps of one run, planned from the same code, may share a child (see the zygote).
+    reuse = f"{args.run_id}:" + hashlib.blake2b(
+        json.dumps([job_pointer, code_version], sort_keys=True).encode(),
+        digest_size=8).hexdigest()
     return await runner.run(_delivery(context), STEP_ENTRY, kwargs,
-                            f"step {keys} of run {args.run_id}", STEP)
+                            f"step {keys} of run {args.run_id}", STEP, reuse)
 
 
 async def _run_task(run_args: str, resume: bool, context: Context) -> StepOutcome:

@@ -38,7 +38,12 @@ from dagster_taskiq.broker import (
 )
 from dagster_taskiq.config import DEFAULT_QUEUE, BrokerSettings, mask_url
 from dagster_taskiq.registry import WorkerInfo, publish, remove
-from dagster_taskiq.worker.runner import KILL_GRACE_SECONDS, ZygoteFailed, ZygoteRunner
+from dagster_taskiq.worker.runner import (
+    DEFAULT_MAX_STEPS_PER_CHILD,
+    KILL_GRACE_SECONDS,
+    ZygoteFailed,
+    ZygoteRunner,
+)
 
 if TYPE_CHECKING:
     from dagster_taskiq.metrics import WorkerMetrics
@@ -57,6 +62,7 @@ class WorkerOptions:
     loglevel: str = "INFO"
     metrics_port: int | None = None  # serve Prometheus metrics there (off by default)
     metrics_host: str = "0.0.0.0"
+    max_steps_per_child: int = DEFAULT_MAX_STEPS_PER_CHILD  # steps of one run a child may run
 
 
 def _consumer(options: WorkerOptions, worker_id: str, kind: str, runner: ZygoteRunner,
@@ -109,7 +115,7 @@ async def run_worker(options: WorkerOptions) -> None:
     metrics, metrics_server = _serve_metrics(options)
     # The code is loaded in the zygote (before anything is consumed: the first task is warm
     # too), meanwhile the broker is reached; this process never imports the user's code.
-    runner = ZygoteRunner(options.includes, options.loglevel)
+    runner = ZygoteRunner(options.includes, options.loglevel, options.max_steps_per_child)
     loading = asyncio.create_task(runner.start())
     consumers = [_consumer(options, worker_id, kind, runner, metrics) for kind in (STEP, RUN)]
     try:

@@ -57,6 +57,8 @@ KILL_GRACE_SECONDS = 5.0
 RUN_KILL_GRACE_SECONDS = 30.0
 RELOADS_PER_TASK = 3  # a file saved again and again must not keep a task from ever running
 WATCH_SECONDS = 2.0  # how often an idle worker looks for edited source files
+# Steps of one run a forked child may serve, one after another (1: a fresh fork for each).
+DEFAULT_MAX_STEPS_PER_CHILD = 50
 
 
 class ZygoteFailed(Exception):
@@ -72,15 +74,18 @@ class _Child:
     started: float = field(default_factory=time.time)
     released: bool = False
     cancelling: bool = False
+    signalled: bool = False  # sent SIGINT or SIGKILL: never given another step
 
 
 class _Generation:
     """One zygote process, and the replies and exits it reports."""
 
-    def __init__(self, includes: Sequence[str], warm: Sequence[str], loglevel: str) -> None:
+    def __init__(self, includes: Sequence[str], warm: Sequence[str], loglevel: str,
+                 max_steps_per_child: int = 1) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         config = {"fd": theirs.fileno(), "worker": os.getpid(), "sys_path": sys.path,
-                  "includes": list(includes), "warm": list(warm), "loglevel": loglevel}
+                  "includes": list(includes), "warm": list(warm), "loglevel": loglevel,
+                  "max_steps_per_child": max_steps_per_child}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dagster_taskiq.worker.zygote", json.dumps(config)],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
@@ -94,6 +99,8 @@ class _Generation:
         self.sending = asyncio.Lock()
         self.dead = False
         self.followed: set[int] = set()  # pids of children whose exit someone may await
+        self._notes: set[asyncio.Task[None]] = set()
+        self._tail = b""  # what a notice left unsent (see notify)
         self._buffer = b""
         self.loop.add_reader(ours.fileno(), self._on_readable)
 
@@ -119,6 +126,10 @@ class _Generation:
         elif "id" in message:
             future = self.replies.pop(message["id"], None)
             if future is not None and not future.done():
+                if "pid" in message:
+                    # Followed from now: its exit may be in this very read (a child that
+                    # took a step and died at once), before the requester resumes.
+                    self.followed.add(message["pid"])
                 future.set_result(message)
         elif "ready" in message:
             if message["threads"]:
@@ -160,9 +171,40 @@ class _Generation:
             await self._send(data, fds)
         return await future
 
+    def notify(self, message: dict[str, Any]) -> None:
+        """Send ``message``, which has no reply: now, ahead of any request made after this
+        call, when nothing is being sent; what the socket does not take at once is sent before
+        anything else."""
+        if self.dead:
+            return
+        data = json.dumps(message).encode() + b"\n"
+        if not self.sending.locked() and not self._tail:
+            try:
+                data = data[self.sock.send(data):]
+            except BlockingIOError:
+                pass
+            except OSError:
+                return
+            if not data:
+                return
+        self._tail += data
+        note = self.loop.create_task(self._flush())
+        self._notes.add(note)
+        note.add_done_callback(self._notes.discard)
+
+    async def _flush(self) -> None:
+        async with self.sending:
+            with contextlib.suppress(ZygoteFailed):
+                await self._send(b"", ())
+
     async def _send(self, data: bytes, fds: Sequence[int]) -> None:
         if self.dead:
             raise ZygoteFailed(f"The worker's zygote (pid {self.process.pid}) ended.")
+        if self._tail:  # the rest of a notice, first (this runs under the sending lock)
+            tail, self._tail = self._tail, b""
+            await self._send(tail, ())
+        if not data:
+            return
         view = memoryview(data)
         first = True
         while view:
@@ -202,9 +244,11 @@ class _Generation:
 class ZygoteRunner:
     """Runs each task in a child forked by the worker's zygote (see the module docstring)."""
 
-    def __init__(self, includes: Sequence[str] = (), loglevel: str = "INFO") -> None:
+    def __init__(self, includes: Sequence[str] = (), loglevel: str = "INFO",
+                 max_steps_per_child: int = DEFAULT_MAX_STEPS_PER_CHILD) -> None:
         self.includes = list(includes)
         self.loglevel = loglevel
+        self.max_steps_per_child = max(1, max_steps_per_child)
         self._current: _Generation | None = None
         self._starting: asyncio.Task[_Generation] | None = None
         self._old: list[_Generation] = []
@@ -241,7 +285,7 @@ class ZygoteRunner:
 
     async def _start_generation(self, warm: Sequence[str]) -> _Generation:
         began = time.monotonic()
-        generation = _Generation(self.includes, warm, self.loglevel)
+        generation = _Generation(self.includes, warm, self.loglevel, self.max_steps_per_child)
         try:
             ready = await generation.ready
         except ZygoteFailed:
@@ -315,8 +359,10 @@ class ZygoteRunner:
         _bound(self._deadlines)
 
     async def run(self, delivery: str, entry: str, kwargs: dict[str, Any], label: str,
-                  kind: str = STEP) -> StepOutcome:
-        """Prepare ``entry(**kwargs)`` in the zygote and run what it returns in a child."""
+                  kind: str = STEP, reuse: str | None = None) -> StepOutcome:
+        """Prepare ``entry(**kwargs)`` in the zygote and run what it returns in a child. Steps
+        with the same ``reuse`` key (one run's, with the same code) may run one after another
+        in one child (see :mod:`~dagster_taskiq.worker.zygote`)."""
         stopped = self._stop_before_fork.pop(delivery, None)
         deadline = self._deadlines.pop(delivery, None)
         if stopped is not None:
@@ -326,19 +372,21 @@ class ZygoteRunner:
         page = self._pages[delivery] = mmap.mmap(fd, PAGE_SIZE)
         write_deadline(page, deadline if kind == STEP and deadline is not None else float("inf"))
         try:
-            started = await self._fork(delivery, entry, dict(kwargs), label, kind, fd, page)
+            started = await self._fork(delivery, entry, dict(kwargs), label, kind, fd, page,
+                                       reuse)
             if isinstance(started, dict):
                 return started
-            generation, read_fd, pid = started
-            return await self._follow(delivery, label, kind, generation, read_fd, pid, page)
+            generation, read_fd, pid, reply = started
+            return await self._follow(delivery, label, kind, generation, read_fd, pid, page,
+                                      reply)
         finally:
             os.close(fd)
             self._pages.pop(delivery, None)
             page.close()
 
     async def _fork(self, delivery: str, entry: str, kwargs: dict[str, Any], label: str,
-                    kind: str, page_fd: int, page: mmap.mmap
-                    ) -> StepOutcome | tuple[_Generation, int, int]:
+                    kind: str, page_fd: int, page: mmap.mmap, reuse: str | None
+                    ) -> StepOutcome | tuple[_Generation, int, int, dict[str, Any]]:
         stale_ok = False
         for attempt in range(RELOADS_PER_TASK + 2):
             try:
@@ -349,7 +397,7 @@ class ZygoteRunner:
             try:
                 reply = await generation.request(
                     {"op": "task", "id": delivery, "entry": entry, "kwargs": kwargs,
-                     "kind": kind, "stale_ok": stale_ok}, [write_fd, page_fd])
+                     "kind": kind, "stale_ok": stale_ok, "reuse": reuse}, [write_fd, page_fd])
             except ZygoteFailed as failed:
                 os.close(read_fd)
                 return _failure_outcome("The worker's zygote ended", str(failed))
@@ -357,7 +405,7 @@ class ZygoteRunner:
                 os.close(write_fd)  # the child's now (the zygote passed it on)
             if "pid" in reply:
                 generation.followed.add(reply["pid"])
-                return generation, read_fd, reply["pid"]
+                return generation, read_fd, reply["pid"], reply
             os.close(read_fd)
             if "stopped" in reply:
                 return _stopped_early(delivery, label, "released" if reply["stopped"] == "r"
@@ -390,10 +438,16 @@ class ZygoteRunner:
                                 "its zygote kept reporting it stale")
 
     async def _follow(self, delivery: str, label: str, kind: str, generation: _Generation,
-                      read_fd: int, pid: int, page: mmap.mmap) -> StepOutcome:
+                      read_fd: int, pid: int, page: mmap.mmap, reply: dict[str, Any]
+                      ) -> StepOutcome:
         grace = RUN_KILL_GRACE_SECONDS if kind == RUN else KILL_GRACE_SECONDS
         child = self._children[delivery] = _Child(pid, label, grace, kind)
-        logger.info("Task %s: %s (child %d).", delivery, label, pid)
+        if reply.get("reused"):
+            logger.info("Task %s: %s (child %d, its step %d).", delivery, label, pid,
+                        reply["reused"])
+        else:
+            logger.info("Task %s: %s (child %d).", delivery, label, pid)
+        answered = False
         # Stopped between the zygote's last look and now: deliver it.
         stop = read_stop(page)
         if stop == RELEASED:
@@ -410,6 +464,7 @@ class ZygoteRunner:
                 else:
                     logger.info("Task %s finished in %.3f s (child %d).",
                                 delivery, time.time() - child.started, pid)
+                answered = True
                 return outcome
             status = await generation.exit_of(pid)
             exit_code = -signal.SIGKILL if status is None else os.waitstatus_to_exitcode(status)
@@ -419,6 +474,11 @@ class ZygoteRunner:
             self._children.pop(delivery, None)
             generation.followed.discard(pid)
             generation.exits.pop(pid, None)
+            if reply.get("reusable"):
+                # The zygote may give it another step of its run: only if it answered and was
+                # never signalled (a late SIGINT or SIGKILL must not reach the next step).
+                generation.notify({"op": "done", "pid": pid,
+                                   "reuse": answered and not child.signalled})
         logger.info("Task %s ended in %.3f s (child %d, exit %d).",
                     delivery, time.time() - child.started, pid, exit_code)
         if fenced and not child.released:
@@ -454,6 +514,7 @@ class ZygoteRunner:
             return  # the heartbeat repeats the request every second: it was delivered
         logger.warning("Stopping task %s (%s, child %d).", delivery, child.label, child.pid)
         grace = child.grace if grace is None else grace
+        child.signalled = True
         if grace <= 0:
             _signal(child.pid, signal.SIGKILL)
             return
