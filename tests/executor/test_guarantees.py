@@ -371,6 +371,42 @@ def test_only_a_lost_delivery_counts_as_a_redelivery(client, broker_url):  # noq
     assert seen == [(sent, False), (sent, False), (sent, True)]
 
 
+def test_a_heartbeat_crossing_an_ack_does_not_call_the_task_lost(client, broker_url):  # noqa: F811
+    """A heartbeat that reaches Redis just after the task's ack, but is answered before it,
+    finds the task gone: it is finished, not lost (before, a worker logged "Lost the lease",
+    counted a lease expiry and told the runner, for a task it had completed: seen in the
+    thousand-task test). An ack that finds the task taken by another worker does report it."""
+    loop = client.loop
+    for taken_meanwhile in (False, True):
+        sent = client.send(f"acked-{taken_meanwhile}")
+        consumer = make_broker(broker_url, ["dagster"], "acker@h:1")
+        lost: list[str] = []
+        consumer.on_lost = lost.append
+        run = consumer._run
+        heartbeats: list = []
+
+        async def ack_then_heartbeat(script, keys, args, run=run, consumer=consumer,
+                                     taken_meanwhile=taken_meanwhile, heartbeats=heartbeats):
+            if script == "ack" and taken_meanwhile:
+                sync_redis(broker_url).hset(keys[1], "holder", "other@h:2")
+            answer = await run(script, keys, args)
+            if script == "ack":  # the heartbeat is answered before the ack is
+                heartbeats.append(await consumer.heartbeat())
+            return answer
+
+        consumer._run = ack_then_heartbeat
+        messages = consumer.listen()
+        try:
+            message = loop.run_until_complete(anext(messages))
+            loop.run_until_complete(message.ack())
+            assert heartbeats == [([], [])], "the heartbeat reported nothing lost"
+            assert not consumer._held and not consumer._acking
+            assert lost == ([f"{sent}#1"] if taken_meanwhile else [])
+        finally:
+            loop.run_until_complete(messages.aclose())
+            loop.run_until_complete(consumer.shutdown())
+
+
 def test_a_claim_answered_after_a_pause_is_renewed_before_it_runs(
         client, broker_url, monkeypatch):  # noqa: F811
     """A worker paused between asking for a task and reading the answer cannot vouch for the

@@ -342,6 +342,7 @@ class RedisLeaseBroker(AsyncBroker):
         self._redis: aioredis.Redis | None = None
         self._confirmation: ReplicaConfirmation | None = None  # Sentinel URLs only
         self._held: dict[str, int] = {}  # task id -> delivery token, for leases we hold
+        self._acking: dict[str, int] = {}  # task id -> delivery token, being acknowledged
         # task id -> (lease seconds, monotonic time before the last claim/heartbeat that
         # renewed it): the lease runs at least until then + lease, whatever Redis did since.
         self._renewed: dict[str, tuple[float, float]] = {}
@@ -617,22 +618,33 @@ class RedisLeaseBroker(AsyncBroker):
         to another worker, handed back, or fenced off during an outage) is not ours to delete:
         its lease runs out and it goes back to its queue."""
         backoff = Backoff()
-        while self._held.get(task_id) == token:
-            try:
-                await self._run(
-                    "ack",
-                    [self._key("leases"), self.task_key(task_id)],
-                    [task_id, self.holder, token],
-                )
+        # A heartbeat that runs after the ack on the server, but is answered before it, must not
+        # call the task lost: the ack's own answer says whether it was still ours.
+        self._acking[task_id] = token
+        try:
+            while self._held.get(task_id) == token:
+                try:
+                    deleted = await self._run(
+                        "ack",
+                        [self._key("leases"), self.task_key(task_id)],
+                        [task_id, self.holder, token],
+                    )
+                except REDIS_ERRORS as exc:
+                    if self._closing:
+                        logger.warning(
+                            "Could not acknowledge %s (%s); its lease will expire.", task_id, exc
+                        )
+                        return
+                    await backoff.wait()
+                    continue
+                if not deleted and self._held.get(task_id) == token:
+                    self._lose(task_id, "Lost the lease on task %s before it was acknowledged "
+                                        "(it was handed to another worker).")
                 self._forget(task_id)
                 return
-            except REDIS_ERRORS as exc:
-                if self._closing:
-                    logger.warning(
-                        "Could not acknowledge %s (%s); its lease will expire.", task_id, exc
-                    )
-                    return
-                await backoff.wait()
+        finally:
+            if self._acking.get(task_id) == token:
+                del self._acking[task_id]
 
     def _forget(self, task_id: str) -> None:
         self._held.pop(task_id, None)
@@ -690,7 +702,8 @@ class RedisLeaseBroker(AsyncBroker):
         (lost, cancelled), confirmed = await self._run_confirmed("heartbeat", keys, args)
         # Only the deliveries this heartbeat was about: one taken again meanwhile (a newer
         # token) is not lost.
-        lost = [t for t in (i.decode() for i in lost) if self._held.get(t) == held.get(t)]
+        lost = [t for t in (i.decode() for i in lost)
+                if self._held.get(t) == held.get(t) != self._acking.get(t)]
         if not confirmed and self._confirmation is not None:
             # Renewed where a failover may lose it: the fence keeps counting from the last
             # renewal a replica confirmed.
