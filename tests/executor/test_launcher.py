@@ -336,7 +336,9 @@ def test_a_rolling_restart_of_every_worker_loses_no_run(start_worker, dagster_ho
         def daemon() -> None:  # run monitoring, as the daemon does it (every half second here)
             while not done.wait(0.5):
                 for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
-                    _monitor(instance, run.run_id)
+                    record = instance.get_run_record_by_id(run.run_id)
+                    if record.dagster_run.status == DagsterRunStatus.STARTED:  # not ended since
+                        monitor_started_run(instance, None, record, logging.getLogger("test"))
 
         monitoring = threading.Thread(target=daemon, daemon=True)
         monitoring.start()
