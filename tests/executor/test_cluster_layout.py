@@ -38,6 +38,9 @@ from tests.conftest import sync_redis
 # Every kind of key the workload must have made (so an assertion over "all keys" is not empty).
 SEGMENTS = {"task", "queue", "runs", "wake", "wakeruns", "seq", "leases", "claim", "reply",
             "result", "workers", "worker"}
+# The lease of the two tasks left to expire: long enough that no reap in the listeners can
+# take them before the first heartbeat on a loaded machine (0.3 s did, once in CI).
+SHORT_LEASE = 2.0
 
 def message(task_id: str, queue: str, reply_to: str, lease: float = 30.0,
             task_name: str = "record") -> BrokerMessage:
@@ -66,8 +69,9 @@ async def exercise(settings: BrokerSettings,
     try:
         await client.kick(message("a", "dagster", reply_to))
         await client.kick(message("b", "other", reply_to))
-        await client.kick(message("c", "dagster", reply_to, lease=0.3))
-        await client.kick(message("r", "dagster", reply_to, lease=0.3, task_name=TASK_EXECUTE_JOB))
+        await client.kick(message("c", "dagster", reply_to, lease=SHORT_LEASE))
+        await client.kick(message("r", "dagster", reply_to, lease=SHORT_LEASE,
+                                  task_name=TASK_EXECUTE_JOB))
         await snapshot()
 
         step_messages, run_messages = steps.listen(), runs.listen()
@@ -76,6 +80,7 @@ async def exercise(settings: BrokerSettings,
         assert set(steps._held) == {"a", "b", "c"} and set(runs._held) == {"r"}
         await snapshot()
         assert await steps.heartbeat() == ([], [])
+        renewed = time.monotonic()  # c's lease now ends SHORT_LEASE after this, r's earlier
         await snapshot()
 
         result = TaskiqResult(is_err=False, return_value="done", execution_time=0.1,
@@ -91,7 +96,7 @@ async def exercise(settings: BrokerSettings,
         assert await client.revoke(["d", "b"]) == {"d": "dropped", "b": "running:steps@h:1"}
         await snapshot()
 
-        await asyncio.sleep(0.6)  # the 0.3 s leases of c and r run out
+        await asyncio.sleep(renewed + SHORT_LEASE + 0.3 - time.monotonic())  # c's and r's end
         assert sorted(await client.reap()) == ["c"]  # r, a run, is dropped
         await snapshot()
         assert await steps.release_held() == ["b"]  # c was requeued, so no longer ours
