@@ -199,6 +199,11 @@ def sync_redis(url: str) -> redis.Redis:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # xdist sets COLUMNS=80/LINES=24 in its workers: the commands the tests start would
+        # inherit them and wrap their output at 80 columns whatever terminal they are given.
+        os.environ.pop("COLUMNS", None)
+        os.environ.pop("LINES", None)
     config.addinivalue_line("markers", "single_server: needs one redis-server's admin commands "
                             "(REPLICAOF, DEBUG, ...): skipped when the broker is a cluster")
 

@@ -127,6 +127,9 @@ def _recorded_op(name: str):
 
         record(event="start", overlap=overlap)
         time.sleep(3)
+        held_until = time.monotonic() + 120  # a test holds steps in flight with a "hold" file
+        while (root / "hold").exists() and time.monotonic() < held_until:
+            time.sleep(0.1)
         record(event="end")
         return value + 1
 

@@ -321,12 +321,16 @@ def test_a_rolling_restart_of_every_worker_loses_no_run(start_worker, dagster_ho
     """Three runs of a chain of 3 s steps on two workers; each worker in turn is stopped
     gracefully (a replacement first) with a shutdown timeout too short to finish: its steps go
     back to their queue, its run orchestrators to run monitoring, which resumes them. Every run
-    succeeds and no step ever runs twice at once."""
+    succeeds and no step ever runs twice at once. Steps are held in flight until every old
+    worker is stopped, so the restart always finds work to hand back, however slow the
+    replacements are to start."""
     _write_instance_yaml(dagster_home, broker_url, resume_attempts=3)
     queues = [QUEUE, "dagster"]
     graceful = ["--shutdown-timeout", "1"]
     with DagsterInstance.get() as instance:
         workers = [start_worker(queues=queues, concurrency=2, args=graceful) for _ in range(2)]
+        hold = Path(instance.root_directory) / "hold"
+        hold.touch()
         runs = [_launch(instance, "taskiq_recorded_chain") for _ in range(3)]
         attempts = Path(instance.root_directory) / "attempts.jsonl"
         wait_for(lambda: attempts.exists() and len(attempts.read_text().splitlines()) >= 2,
@@ -347,6 +351,7 @@ def test_a_rolling_restart_of_every_worker_loses_no_run(start_worker, dagster_ho
                 workers.append(start_worker(queues=queues, concurrency=2, args=graceful))
                 assert old.stop() == 0
                 time.sleep(2)
+            hold.unlink()
             wait_for(lambda: all(instance.get_run_by_id(r.run_id).is_finished for r in runs),
                      240, "every run to end", interval=1.0)
         finally:
