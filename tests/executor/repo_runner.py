@@ -108,6 +108,10 @@ def taskiq_sleepy_job():
     sleepy_op()
 
 
+# While this file exists in the instance's root directory, recorded ops stay in flight.
+HOLD_FILE = "hold"
+
+
 def _recorded_op(name: str):
     @op(name=name)
     def _op(context, value: int) -> int:
@@ -127,8 +131,8 @@ def _recorded_op(name: str):
 
         record(event="start", overlap=overlap)
         time.sleep(3)
-        held_until = time.monotonic() + 120  # a test holds steps in flight with a "hold" file
-        while (root / "hold").exists() and time.monotonic() < held_until:
+        held_until = time.monotonic() + 120
+        while (root / HOLD_FILE).exists() and time.monotonic() < held_until:
             time.sleep(0.1)
         record(event="end")
         return value + 1

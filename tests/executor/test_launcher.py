@@ -22,6 +22,7 @@ from dagster_taskiq.config import DEFAULT_KEY_PREFIX as P
 from dagster_taskiq.launcher import TaskiqRunLauncher
 from dagster_taskiq.tags import TASKIQ_TASK_ID_TAG
 from tests.conftest import start_redis, sync_redis, wait_for
+from tests.executor.repo_runner import HOLD_FILE
 
 RUNNER_FILE = str(Path(__file__).with_name("repo_runner.py"))
 QUEUE = "custom-queue"
@@ -329,7 +330,7 @@ def test_a_rolling_restart_of_every_worker_loses_no_run(start_worker, dagster_ho
     graceful = ["--shutdown-timeout", "1"]
     with DagsterInstance.get() as instance:
         workers = [start_worker(queues=queues, concurrency=2, args=graceful) for _ in range(2)]
-        hold = Path(instance.root_directory) / "hold"
+        hold = Path(instance.root_directory) / HOLD_FILE
         hold.touch()
         runs = [_launch(instance, "taskiq_recorded_chain") for _ in range(3)]
         attempts = Path(instance.root_directory) / "attempts.jsonl"
